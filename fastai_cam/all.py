@@ -12,3 +12,4 @@ from .methods import *
 from .core import *
 from .callback import *
 from .learner import *
+from .interpret import *

@@ -92,13 +92,14 @@ def show(self:CAMResult,
          alpha:float=0.6, cmap:str='magma', interpolation:str='bilinear', # the overlay
          figsize=None, # default: 3 inches per image
          axs=None, # axes to draw on
+         titles:list|None=None, # one title per map (default: label and probability, or actual/predicted)
          **kwargs):
     "Draw each map over its decoded input; returns the list of axes"
     if self.inputs is None:
         raise ValueError("This result kept no inputs to draw on: compute it with learn.cam(..., with_input=True).")
     n = min(max_n, len(self))
     imgs = self.dls.decode((self.inputs[self.items[:n].cpu()],))[0] if self.dls is not None else self.inputs[self.items[:n].cpu()]
-    maps,titles = minmax(upsample(self.raw[:n].float(), self.size)), _titles(self)[:n]
+    maps,titles = minmax(upsample(self.raw[:n].float(), self.size)), (titles or _titles(self))[:n]
     if axs is None:
         ncols = ncols or min(n, 3)
         nrows = -(-n//ncols)
