@@ -37,9 +37,9 @@ def synth_image_dls(n:int=48, size:int=32, bs:int=16, seed:int=0, multi:bool=Fal
 
 # %% ../nbs/02_callback.ipynb #4409979c
 def is_multilabel(learn)->bool:
-    "Whether the learner predicts several labels per item (its loss has a threshold, as `BCEWithLogitsLossFlat`)"
-    return getattr(learn.loss_func, 'thresh', None) is not None and not hasattr(learn.loss_func, 'axis') \
-        or 'BCE' in type(learn.loss_func).__name__ or 'BCE' in type(getattr(learn.loss_func,'func',None)).__name__
+    "Whether the learner predicts several labels per item: its loss is a BCE loss (as `BCEWithLogitsLossFlat`)"
+    lf = learn.loss_func
+    return any('BCE' in type(f).__name__ for f in (lf, getattr(lf, 'func', None)))
 
 def learner_vocab(learn):
     "The labels of the learner's classes, or None (regression, custom data)"

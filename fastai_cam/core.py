@@ -6,8 +6,8 @@ Docs: https://fastai-cam.github.io/fastai_cam/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #d5f6dc1a
 from __future__ import annotations
-import difflib
-from contextlib import contextmanager
+import difflib, numbers
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -16,8 +16,8 @@ from .methods import *
 
 # %% auto #0
 __all__ = ['is_global_pool', 'LayerError', 'HeadSplit', 'split_head', 'find_layer', 'LayerOutputError', 'LayerHook', 'eval_mode',
-           'resolve_targets', 'run_head', 'cam_from_head', 'check_head', 'scorecam_scores', 'CAMOutput',
-           'check_cam_layer', 'prepare', 'finish_cams', 'compute_cams', 'cam_maps']
+           'check_cls', 'resolve_targets', 'flat_head', 'run_head', 'cam_from_head', 'check_head', 'scorecam_scores',
+           'CAMOutput', 'check_cam_layer', 'prepare', 'finish_cams', 'compute_cams', 'cam_maps']
 
 # %% ../nbs/00_core.ipynb #6c5f950d
 _POOL_NAMES = {'AdaptiveConcatPool2d', 'SelectAdaptivePool2d', 'GlobalAvgPool2d', 'AdaptiveAvgPool2d',
@@ -36,8 +36,8 @@ def is_global_pool(m:nn.Module)->bool:
     return _is_one(getattr(m, 'output_size', getattr(m, 'size', None)))
 
 def _pool_path(m:nn.Module):
-    "Path `[(container, index), ...]` from `m` to its first global pooling module, depth first, in order"
-    for i,c in enumerate(m.children()):
+    "Path `[(container, index), ...]` from `m` to its last global pooling module in `named_modules()` order (not inside another pooling)"
+    for i,c in reversed(list(enumerate(m.children()))):
         if is_global_pool(c): return [(m,i)]
         sub = _pool_path(c)
         if sub: return [(m,i)] + sub
@@ -114,12 +114,13 @@ class LayerHook:
     def restore_grad_mode(self):
         if self._grad_was is not None: torch.set_grad_enabled(self._grad_was); self._grad_was = None
     def remove(self):
+        "Remove the hook; forget (do not restore) the grad mode saved in a forward that did not finish"
         if self.handle is not None: self.handle.remove(); self.handle = None
-        self.restore_grad_mode()
+        self._grad_was = None
     def __enter__(self):
         self.handle = self.module.register_forward_hook(self.hook)
         return self
-    def __exit__(self, *args): self.remove()
+    def __exit__(self, *args): self.restore_grad_mode(); self.remove()
 
 # %% ../nbs/00_core.ipynb #6c507b99
 @contextmanager
@@ -132,23 +133,31 @@ def eval_mode(model:nn.Module):
         for m,t in flags: m.training = t
 
 # %% ../nbs/00_core.ipynb #038abda6
+def check_cls(cls, n:int):
+    "Raise unless `cls` is None, an int, a callable, or one class (or list of classes) for each of the `n` items"
+    if cls is None or isinstance(cls, numbers.Integral) or (callable(cls) and not isinstance(cls, Tensor)): return
+    if isinstance(cls, Tensor) and cls.ndim == 0: return
+    if isinstance(cls, str):
+        raise ValueError(f"Class {cls!r} is a label: here classes are indices (labels work through `learn.cam`).")
+    if len(cls) != n:
+        raise ValueError(f"Got {len(cls)} classes for a batch of {n} items: give one class (or a list of classes) "
+                         "per item, a single int for all, or None for the predicted class.")
+
 def resolve_targets(cls, logits:Tensor)->tuple:
     "Turn a class choice into `(items, classes)` index tensors on the logits' device (one map per pair)"
     B,C = logits.shape[0], logits.shape[-1]
     dev = logits.device
+    check_cls(cls, B)
     if callable(cls) and not isinstance(cls, Tensor): items,classes = cls(logits)
     elif cls is None:
         items,classes = torch.arange(B, device=dev), logits.argmax(-1)
-    elif isinstance(cls, int) or (isinstance(cls, Tensor) and cls.ndim == 0):
+    elif isinstance(cls, numbers.Integral) or (isinstance(cls, Tensor) and cls.ndim == 0):
         items,classes = torch.arange(B, device=dev), torch.full((B,), int(cls), device=dev)
     else:
         cls = list(cls) if not isinstance(cls, Tensor) else cls.tolist()
-        if len(cls) != B:
-            raise ValueError(f"Got {len(cls)} classes for a batch of {B} items: give one class (or a list of classes) "
-                             "per item, a single int for all, or None for the predicted class.")
         if any(isinstance(c, (list,tuple)) for c in cls):
             pairs = [(i,int(c)) for i,cs in enumerate(cls) for c in (cs if isinstance(cs,(list,tuple)) else [cs])]
-            items,classes = (torch.tensor(v, device=dev, dtype=torch.long) for v in zip(*pairs))
+            items,classes = (torch.tensor([p[j] for p in pairs], device=dev, dtype=torch.long) for j in (0,1))
         else: items,classes = torch.arange(B, device=dev), torch.tensor([int(c) for c in cls], device=dev)
     items,classes = torch.as_tensor(items, device=dev).long(), torch.as_tensor(classes, device=dev).long()
     if len(classes) and (classes.min() < 0 or classes.max() >= C):
@@ -157,9 +166,15 @@ def resolve_targets(cls, logits:Tensor)->tuple:
     return items, classes
 
 # %% ../nbs/00_core.ipynb #3434bb0e
+def _plain_seq(m): return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+def flat_head(head:Sequence[nn.Module])->list:
+    "The head's modules, with every plain `nn.Sequential` (one that only calls its children in order) unrolled"
+    return [l for m in head for l in (flat_head(list(m)) if _plain_seq(m) else [m])]
+
 def run_head(head:Sequence[nn.Module], x:Tensor)->Tensor:
-    "Apply the head modules in order, flattening a 4D tensor before a `Linear`/`BatchNorm1d`"
-    for m in head:
+    "Apply the head modules in order, flattening a 4D tensor before a `Linear`/`BatchNorm1d` (also inside a `Sequential`)"
+    for m in flat_head(head):
         if x.ndim > 2 and isinstance(m, (nn.Linear, nn.BatchNorm1d)): x = x.flatten(1)
         x = m(x)
     return x
@@ -171,7 +186,7 @@ def cam_from_head(head:Sequence[nn.Module], A:Tensor, items:Tensor, classes:Tens
     B,K,h,w = A.shape
     x = A.permute(0,2,3,1).reshape(B*h*w, K, 1, 1)
     z = torch.zeros(1, K, 1, 1, dtype=A.dtype, device=A.device)
-    head = list(head)
+    head = flat_head(head)
     with eval_mode(nn.ModuleList(head)), torch.no_grad():
         last = head[-1] if head else None
         if isinstance(last, nn.Linear):
@@ -260,6 +275,9 @@ def _grads(logits, leaf, items, classes, name):
         rank[order] = idx - first_pos
     n_rounds = int(rank.max().item()) + 1 if N else 0
     G = torch.empty((N,) + tuple(leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device)
+    if torch.is_inference_mode_enabled() or leaf.is_inference():
+        raise RuntimeError("Gradient methods cannot run under torch.inference_mode(): use torch.no_grad() (or a "
+                           "gradient-free method: 'cam', 'scorecam', 'eigencam').")
     if not logits.requires_grad:
         raise LayerError(f"The model's output does not depend on layer {name!r}: choose a layer on the path to the output.")
     for r in range(n_rounds):
@@ -303,10 +321,12 @@ def compute_cams(model:nn.Module, # any model whose first output is the logits
     "Raw maps and logits for one batch, leaving the model exactly as it was"
     meth,name,mod,head = prepare(model, method, layer)
     xs = tuple(xb) if isinstance(xb, (tuple,list)) else (xb,)
-    with eval_mode(model), LayerHook(mod, grad=meth.needs_grad, name=name) as hook:
+    check_cls(cls, len(xs[0]))
+    no_inference = torch.inference_mode(False) if meth.needs_grad else nullcontext()
+    with no_inference, eval_mode(model), LayerHook(mod, grad=meth.needs_grad, name=name) as hook:
         with torch.no_grad():
-            logits = model(*xs)
-            hook.restore_grad_mode()
+            try: logits = model(*xs)
+            finally: hook.restore_grad_mode()   # here, inside no_grad: also when the forward raises
         try: out = finish_cams(meth, hook, logits, cls, head, model, xs[0], name, batch_size)
         finally: hook.reset()
     if not keep_acts: out.acts = None

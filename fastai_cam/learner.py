@@ -7,6 +7,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/learner.html.md"""
 # %% ../nbs/03_learner.ipynb #b4b99d4c
 from __future__ import annotations
 from pathlib import Path
+from contextlib import nullcontext
 import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
@@ -58,7 +59,8 @@ def cam(self:Learner,
     cb = CAMCallback(method, layer, cls, batch_size=batch_size, keep_inputs=False, gather_inputs=bool(with_input),
                      maps_dtype=maps_dtype)
     attached = [c for c in self.cbs if isinstance(c, CAMCallback)]
-    with self.removed_cbs(attached): self.get_preds(dl=dl, cbs=[cb])
+    with self.removed_cbs(attached), (self.no_bar() if items is not None else nullcontext()):   # a bar for loaders only
+        self.get_preds(dl=dl, cbs=[cb])
     return cb.result
 
 # %% ../nbs/03_learner.ipynb #c411682d
