@@ -73,12 +73,15 @@ def eigencam(A:Tensor, G:Tensor|None=None)->Tensor:
 
 # %% ../nbs/01_methods.ipynb #62db11ac
 def minmax(maps:Tensor, # (..., h, w)
-           eps:float=1e-12)->Tensor:
+           rtol:float=1e-5, # a map whose range is below `rtol` times its magnitude counts as constant
+          )->Tensor:
     "Min-max normalise each map over its last two dims to [0,1]; a constant map becomes zeros, never NaN"
     flat = maps.float().flatten(-2)
     lo,hi = flat.min(-1, keepdim=True)[0], flat.max(-1, keepdim=True)[0]
     rng = hi - lo
-    out = torch.where(rng > eps, (flat - lo)/rng.clamp(min=eps), torch.zeros_like(flat))
+    # relative threshold: upsampling a constant map leaves float rounding noise that must not be stretched to [0,1]
+    const = rng <= rtol*torch.maximum(hi.abs(), lo.abs()) + 1e-30
+    out = torch.where(const, torch.zeros_like(flat), (flat - lo)/torch.where(const, torch.ones_like(rng), rng))
     return out.view_as(maps)
 
 def upsample(maps:Tensor, # (N,h,w) or (N,K,h,w)
