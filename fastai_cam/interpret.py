@@ -8,6 +8,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/interpret.html.md"""
 from __future__ import annotations
 import torch
 from fastcore.basics import patch
+from fastcore.foundation import L
 from fastai.interpret import Interpretation
 from .callback import *
 from .learner import *
