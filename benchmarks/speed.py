@@ -1,0 +1,117 @@
+"""Speed of `cam_maps` against the bare minimum each method needs (issues 2 and 3): a plain `no_grad` forward, or a
+hand-written hook + `torch.autograd.grad`. Prints one markdown table of ratios (ours / baseline), measured
+interleaved in one run: the median over rounds of the per-round ratio.
+
+    python benchmarks/speed.py            # resnet50, 224x224, batch 16, CPU, 7 rounds (Score-CAM: resnet18 224px)
+    python benchmarks/speed.py --quick    # resnet18 at 112px, batch 8, 3 rounds (well under a minute)
+"""
+from __future__ import annotations
+import argparse, sys, time
+import torch
+from _common import *
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--quick', action='store_true', help='fewer rounds and a smaller Score-CAM case (about a minute)')
+    p.add_argument('--arch', default='resnet50')
+    p.add_argument('--size', type=int, default=224)
+    p.add_argument('--bs', type=int, default=16)
+    p.add_argument('--rounds', type=int, default=None, help='interleaved rounds (default 7, quick 3)')
+    p.add_argument('--no-learner', action='store_true', help='skip the learn.cam end-to-end rows')
+    p.add_argument('--scorecam-arch', default='resnet18',
+                   help='model of the Score-CAM row (resnet50 at 224px: 2048 masked forwards, minutes per call)')
+    add_common_args(p)
+    a = p.parse_args(argv)
+    setup(a)
+    rounds = a.rounds or (3 if a.quick else 7)
+    if a.quick: a.arch, a.size, a.bs = 'resnet18', 112, 8
+    torch.manual_seed(0)
+    model = resnet(a.arch)
+    x = torch.randn(a.bs, 3, a.size, a.size)
+    with torch.no_grad(): cls = model(x).argmax(1)
+    B = len(x)
+
+    def fwd():
+        with torch.no_grad(): return model(x)
+
+    def handwritten(layer):
+        "Forward hook on `layer`, `torch.autograd.grad` of the selected logits to its output: nothing else"
+        mod, store = get_module(model, layer), {}
+        def run():
+            h = mod.register_forward_hook(lambda m, i, o: store.__setitem__('a', o))
+            try:
+                logits = model(x)
+                g, = torch.autograd.grad(logits[torch.arange(B), cls].sum(), store['a'])
+            finally: h.remove()
+            return g
+        return run
+
+    rows = []
+    def add(label, times, a_, b_, goal=None):
+        r = ratio(times, a_, b_)
+        rows.append([label, fmt_s(med(times[a_])), fmt_s(med(times[b_])), fmt_r(r), goal_str(r, goal)])
+
+    t0 = time.time()
+    fns = {'fwd': fwd,
+           'cam': lambda: cam_maps(model, x, 'cam'),
+           'gradcam': lambda: cam_maps(model, x, 'gradcam'),
+           'eigencam': lambda: cam_maps(model, x, 'eigencam')}
+    t = interleaved(fns, rounds)
+    add("`cam_maps(method='cam')` / no_grad forward", t, 'cam', 'fwd', 1.05)
+    add("`cam_maps(method='gradcam')` (default layer) / no_grad forward", t, 'gradcam', 'fwd', 1.10)
+    add("`cam_maps(method='eigencam')` / no_grad forward", t, 'eigencam', 'fwd', 1.3)
+
+    fns = {'hand': handwritten('layer2'), 'gradcam_l2': lambda: cam_maps(model, x, 'gradcam', layer='layer2'),
+           'fwd': fwd}
+    t = interleaved(fns, rounds)
+    add("`cam_maps(method='gradcam', layer='layer2')` / hook + `autograd.grad` by hand", t, 'gradcam_l2', 'hand', 1.05)
+    add("hook + `autograd.grad` by hand at layer2 / no_grad forward (for scale)", t, 'hand', 'fwd')
+
+    # end to end: maps at input size in [0,1]
+    fns = {'raw': lambda: cam_maps(model, x, 'gradcam'), 'e2e': lambda: ours(model, x, 'gradcam', None, cls)}
+    if not a.no_learner:
+        learn = _learner(model, x)
+        if learn is not None:
+            fns['cam_batch'] = lambda: learn.cam_batch(x, method='gradcam')
+            fns['cam_dl'] = lambda: learn.cam(dl=learn.dls.valid, method='gradcam')
+    t = interleaved(fns, rounds)
+    add("`cam_maps` + `upsample` + `minmax` / `cam_maps` (Grad-CAM)", t, 'e2e', 'raw')
+    if 'cam_batch' in t:
+        add("`learn.cam_batch(xb, method='gradcam')` / `cam_maps` (Grad-CAM)", t, 'cam_batch', 'raw')
+        add("`learn.cam(dl=dl, method='gradcam')` (one batch, via `get_preds`) / `cam_maps`", t, 'cam_dl', 'raw')
+
+    # Score-CAM, batch 1: K masked forwards are unavoidable
+    sarch, ssize = ('resnet18', 112) if a.quick else (a.scorecam_arch, a.size)
+    smodel = model if sarch == a.arch else resnet(sarch)
+    x1 = torch.randn(1, 3, ssize, ssize)
+    K = smodel.fc.in_features                   # channels of layer4 in a torchvision resnet
+    xk = torch.randn(32, 3, ssize, ssize)
+    def fwd1():
+        with torch.no_grad(): smodel(x1)
+    def fwdK():
+        "the K masked forwards alone, in batches of 32 (the lower bound of any Score-CAM)"
+        with torch.no_grad():
+            for s in range(0, K, 32): smodel(xk[:min(32, K - s)])
+    fns = {'fwd1': fwd1, 'scorecam': lambda: cam_maps(smodel, x1, 'scorecam'), 'fwdK': fwdK}
+    fwd1()
+    t = interleaved(fns, 1, warmup=0)
+    add(f"Score-CAM batch 1 ({sarch} {ssize}px, layer4, K={K}) / one no_grad forward", t, 'scorecam', 'fwd1')
+    add(f"Score-CAM batch 1 / K={K} masked no_grad forwards in batches of 32", t, 'scorecam', 'fwdK')
+
+    print(f"## speed: `cam_maps` vs the minimum work ({a.arch}, {a.size}x{a.size}, batch {a.bs}, CPU)\n")
+    print(machine() + f"; {rounds} rounds; total {time.time()-t0:.0f} s\n")
+    print(table(['measurement', 'ours', 'baseline', 'ratio', 'goal'], rows))
+
+def _learner(model, x):
+    "A fastai `Learner` around `model` whose valid `DataLoader` yields `x` as one batch (for the `learn.cam` rows)"
+    try:
+        from fastai.data.core import DataLoaders
+        from fastai.learner import Learner
+        import fastai_cam.learner  # noqa: F401  (patches Learner.cam / cam_batch)
+        items = list(zip(x, torch.zeros(len(x), dtype=torch.long)))
+        dls = DataLoaders.from_dsets(items, items, bs=len(x), shuffle=False, drop_last=False, num_workers=0)
+        return Learner(dls, model, loss_func=torch.nn.CrossEntropyLoss())
+    except Exception as e:
+        print(f"(no learn.cam rows: {e!r})", file=sys.stderr); return None
+
+if __name__ == '__main__': main()
