@@ -17,13 +17,7 @@ from fastai_cam.learner import count_forwards    # also patches `Learner.cam`
 GRAD_METHODS = ['gradcam', 'gradcam++', 'xgradcam', 'hirescam', 'layercam']
 FAMILY = GRAD_METHODS + ['scorecam', 'eigencam']
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "The machine is shared: with other processes busy, one intra-op thread is many times faster than two"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 def close(a, b, tol=1e-5):
     torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)

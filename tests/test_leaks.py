@@ -9,13 +9,7 @@ import fastai_cam.learner    # noqa: F401  (patches Learner.cam)
 
 N = 300
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "The machine is shared: with other processes busy, one intra-op thread is many times faster than two"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 def rss_mb():
     "Resident memory of this process, from /proc/self/statm (pages)"
