@@ -125,12 +125,12 @@ class LayerHook:
 # %% ../nbs/00_core.ipynb #6c507b99
 @contextmanager
 def eval_mode(model:nn.Module):
-    "Put `model` in eval mode, then restore every module's own `training` flag"
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    "Put `model` in eval mode, then restore every module's own `training` flag (nothing to do for a model in eval)"
+    was = [m for m in model.modules() if m.training]
+    for m in was: m.training = False
     try: yield model
     finally:
-        for m,t in flags: m.training = t
+        for m in was: m.training = True
 
 # %% ../nbs/00_core.ipynb #038abda6
 def check_cls(cls, n:int):
@@ -268,7 +268,6 @@ def _grads(logits, leaf, items, classes, name):
     # round r takes the r-th requested class of each item
     order = torch.argsort(items, stable=True)
     rank = torch.empty_like(order)
-    first = torch.zeros_like(items)
     if N:
         it_sorted = items[order]
         starts = torch.ones_like(it_sorted, dtype=torch.bool); starts[1:] = it_sorted[1:] != it_sorted[:-1]
@@ -280,14 +279,13 @@ def _grads(logits, leaf, items, classes, name):
     if torch.is_inference_mode_enabled() or leaf.is_inference():
         raise RuntimeError("Gradient methods cannot run under torch.inference_mode(): use torch.no_grad() (or a "
                            "gradient-free method: 'cam', 'scorecam', 'eigencam').")
-    if not logits.requires_grad:
-        raise LayerError(f"The model's output does not depend on layer {name!r}: choose a layer on the path to the output.")
+    unused = LayerError(f"The model's output does not depend on layer {name!r}: choose a layer on the path to the output.")
+    if not logits.requires_grad: raise unused
     for r in range(n_rounds):
         sel = (rank == r).nonzero().squeeze(1)
         with torch.enable_grad(): score = logits[items[sel], classes[sel]].sum()
         g, = torch.autograd.grad(score, leaf, retain_graph=r < n_rounds-1, allow_unused=True)
-        if g is None:
-            raise LayerError(f"The model's output does not depend on layer {name!r}: choose a layer on the path to the output.")
+        if g is None: raise unused
         G[sel] = g[items[sel]]
     return G
 
