@@ -20,7 +20,12 @@ __all__ = ['synth_image_dls', 'is_multilabel', 'learner_vocab', 'class_index', '
            'CAMCallback', 'n_hooks', 'GradCAMCallback']
 
 # %% ../nbs/02_callback.ipynb #f4a5a30d
-def synth_image_dls(n:int=48, size:int=32, bs:int=16, seed:int=0, multi:bool=False):
+def synth_image_dls(n:int=48, # number of images; the last quarter is the validation set
+                    size:int=32, # side of the square images, in pixels
+                    bs:int=16, # batch size
+                    seed:int=0, # same seed, same images
+                    multi:bool=False, # multi-label targets (`MultiCategoryBlock`, one label per image)
+                   ):
     "Tiny `DataLoaders` of random images whose class is the dominant colour channel ('r', 'g', 'b'), made in memory"
     import numpy as np
     from fastai.vision.all import DataBlock, ImageBlock, CategoryBlock, MultiCategoryBlock, PILImage, IndexSplitter
@@ -36,19 +41,25 @@ def synth_image_dls(n:int=48, size:int=32, bs:int=16, seed:int=0, multi:bool=Fal
     return db.dataloaders(list(range(n)), bs=bs, num_workers=0)
 
 # %% ../nbs/02_callback.ipynb #4409979c
-def is_multilabel(learn)->bool:
+def is_multilabel(learn, # a fastai `Learner`
+                 )->bool:
     "Whether the learner predicts several labels per item: its loss is a BCE loss (as `BCEWithLogitsLossFlat`)"
     lf = learn.loss_func
     return any('BCE' in type(f).__name__ for f in (lf, getattr(lf, 'func', None)))
 
-def learner_vocab(learn):
+# %% ../nbs/02_callback.ipynb #5c6fbe19
+def learner_vocab(learn, # a fastai `Learner`
+                 ):
     "The labels of the learner's classes, or None (regression, custom data)"
     v = getattr(learn.dls, 'vocab', None)
     if v is None: return None
     if len(v) and isinstance(v[0], (list, tuple)) and not isinstance(v[0], str): v = v[-1]
     return [x.item() if hasattr(x, 'item') else x for x in v]   # numpy scalars -> python, for readable errors
 
-def class_index(learn, c)->int:
+# %% ../nbs/02_callback.ipynb #872f288e
+def class_index(learn, # a fastai `Learner`
+                c, # a class: an index, or a label of the learner's vocab
+               )->int:
     "Index of class `c`: an int, or a label of the learner's vocab (an unknown label lists the vocab)"
     vocab = learner_vocab(learn)
     if isinstance(c, (int,)) or (isinstance(c, Tensor) and c.ndim == 0):
@@ -61,13 +72,18 @@ def class_index(learn, c)->int:
         if v == c or str(v) == str(c): return i
     raise ValueError(f"Unknown class {c!r}. The vocab is: {vocab}")
 
-def resolve_cls(learn, cls):
+# %% ../nbs/02_callback.ipynb #43bbaa4a
+def resolve_cls(learn, # a fastai `Learner`
+                cls, # None, a callable, a label or index, or a list with one (or a list of several) per item
+               ):
     "Validate and convert a class choice to indices before any work: None, a label/int, or one (or a list) per item"
     if cls is None or callable(cls) and not isinstance(cls, (str, Tensor)): return cls
     if isinstance(cls, (str, int)) or (isinstance(cls, Tensor) and cls.ndim == 0): return class_index(learn, cls)
     return [[class_index(learn, c) for c in cs] if isinstance(cs, (list, tuple)) else class_index(learn, cs) for cs in cls]
 
-def predicted_targets(learn):
+# %% ../nbs/02_callback.ipynb #fbadbdea
+def predicted_targets(learn, # a fastai `Learner`
+                     ):
     "The predicted class: argmax (single label), or every label above the loss's threshold (multi-label, at least the top one)"
     if not is_multilabel(learn): return None
     act,thresh = getcallable(learn.loss_func, 'activation'), getattr(learn.loss_func, 'thresh', 0.5)
@@ -78,7 +94,7 @@ def predicted_targets(learn):
         return items, classes
     return _f
 
-# %% ../nbs/02_callback.ipynb #d56dbed3
+# %% ../nbs/02_callback.ipynb #97364a08
 @dataclass
 class CAMResult:
     "Class activation maps of some items: raw maps (N,h,w) for `(items, classes)` pairs, predictions, and what is needed to show them"
@@ -88,9 +104,9 @@ class CAMResult:
     probs:Tensor          # (N,) probability of that class
     preds:Tensor          # (n,C) activated predictions of each item
     size:tuple            # (H,W) input size
-    method:str
-    layer:str
-    vocab:list|None=None
+    method:str            # name of the CAM method (a key of `METHODS`)
+    layer:str             # dotted name of the target layer in the model
+    vocab:list|None=None  # labels of the classes, when the learner has a vocab
     targets:Tensor|None=None  # (n,...) targets, when the loader has them
     inputs:Tensor|None=None   # (n,...) inputs as fed to the model (kept for showing)
     dls:object=None           # to decode the inputs
@@ -154,12 +170,16 @@ class CAMCallback(HookCallback):
     def after_pred(self):
         if self._hook is None: return
         xb,pred = self.learn.xb, self.learn.pred
+        # another CAM callback that runs after this one in this batch still needs the graph of `pred`
+        cams = [c for c in self.learn.cbs.sorted('order') if isinstance(c, CAMCallback) and c._hook is not None]
+        last,done = cams[-1] is self, False
         try:
             out = finish_cams(self._meth, self._hook, pred, self._batch_cls(len(xb[0])), self._head, self.learn.model,
-                              xb[0], self._lname, self.batch_size)
+                              xb[0], self._lname, self.batch_size, retain_graph=not last)
+            done = True
         finally:
             self._hook.restore_grad_mode()
-            self.learn.pred = pred.detach() if isinstance(pred, Tensor) else pred
+            if last or not done: self.learn.pred = pred.detach() if isinstance(pred, Tensor) else pred
             self._hook.reset()
         probs = getcallable(self.learn.loss_func, 'activation')(out.logits.float())
         self._acc.append((out.maps.to(self.maps_dtype), out.items + self._n, out.classes, probs[out.items, out.classes]))
@@ -198,15 +218,20 @@ class CAMCallback(HookCallback):
         self.__dict__.update(d)
         self._hook,self.result,self.cam_acts,self.cam_inputs = None,None,None,None
 
-# %% ../nbs/02_callback.ipynb #0cfeddc3
-def n_hooks(model)->int:
+# %% ../nbs/02_callback.ipynb #89145113
+def n_hooks(model, # a PyTorch module
+           )->int:
     "Number of forward, pre-forward and backward hooks registered on any module of `model`"
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) +
                len(getattr(m, '_backward_pre_hooks', {})) for m in model.modules())
 
 # %% ../nbs/02_callback.ipynb #3722849c
 class GradCAMCallback(CAMCallback):
-    "`CAMCallback` computing Grad-CAM (or another gradient method) through backward hooks on any layer"
-    def __init__(self, method:str='gradcam', layer=None, **kwargs): super().__init__(method=method, layer=layer, **kwargs)
+    "`CAMCallback` with a gradient method (Grad-CAM by default), for any layer"
+    def __init__(self,
+                 method:str='gradcam', # a CAM method; the gradient ones: 'gradcam', 'gradcam++', 'xgradcam', 'hirescam', 'layercam'
+                 layer=None, # a module, a dotted name, or None (the layer feeding the pooling head)
+                 **kwargs # passed to `CAMCallback` (cls, batch_size, keep_inputs, ...)
+                ): super().__init__(method=method, layer=layer, **kwargs)
     @property
     def name(self): return 'gradcam_cb'

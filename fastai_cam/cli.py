@@ -19,7 +19,8 @@ from .explain import add_explain_args, explain_main
 __all__ = ['add_demo_args', 'demo', 'demo_main', 'make_parser', 'main']
 
 # %% ../nbs/06_cli.ipynb #c14a8f27
-def add_demo_args(p:argparse.ArgumentParser)->argparse.ArgumentParser:
+def add_demo_args(p:argparse.ArgumentParser, # the parser (or subparser) that gets the options
+                 )->argparse.ArgumentParser: # `p`, for chaining
     "Add the arguments of `fastai-cam demo` to the parser `p`"
     p.add_argument('-o', '--out', required=True, help="output folder: cam_grid.png and metrics.json")
     p.add_argument('--epochs', type=int, default=8, help="epochs of fit_one_cycle (default: 8)")
@@ -34,9 +35,14 @@ def add_demo_args(p:argparse.ArgumentParser)->argparse.ArgumentParser:
     p.add_argument('-q', '--quiet', action='store_true', help="no progress bar or training table")
     return p
 
-# %% ../nbs/06_cli.ipynb #8deb8fc3
+# %% ../nbs/06_cli.ipynb #1165c6c1
 def demo(out, # output folder (created): `cam_grid.png` and `metrics.json`
-         epochs:int=8, n_train:int=6000, n_valid:int=1000, seed:int=0, lr:float=1e-2, bs:int=64, # as `demo_learner`
+         epochs:int=8, # epochs of `fit_one_cycle`
+         n_train:int=6000, # training images (generated digit scenes)
+         n_valid:int=1000, # held-out images: accuracy and pointing game
+         seed:int=0, # seed of the data and the weights
+         lr:float=1e-2, # maximum learning rate
+         bs:int=64, # batch size
          method:str='cam', # the CAM method scored and drawn
          tol:float=0, # pointing game tolerance, in pixels
          n_show:int=16, # images drawn in the grid
@@ -64,8 +70,9 @@ def demo(out, # output folder (created): `cam_grid.png` and `metrics.json`
     (out/'metrics.json').write_text(json.dumps(m, indent=2))
     return m
 
-# %% ../nbs/06_cli.ipynb #263d3f2d
-def demo_main(args:argparse.Namespace)->int:
+# %% ../nbs/06_cli.ipynb #96ec6fc6
+def demo_main(args:argparse.Namespace, # parsed by a parser that `add_demo_args` set up
+             )->int: # exit status: 0, or 2 for a bad option value
     "Run `fastai-cam demo` with parsed `args`; returns the exit status"
     try:
         m = demo(args.out, epochs=args.epochs, n_train=args.n_train, n_valid=args.n_valid, seed=args.seed, lr=args.lr,
@@ -79,7 +86,7 @@ def demo_main(args:argparse.Namespace)->int:
     return 0
 
 # %% ../nbs/06_cli.ipynb #98b8c6e2
-def make_parser()->argparse.ArgumentParser:
+def make_parser()->argparse.ArgumentParser: # the parser that `main` uses
     "The `fastai-cam` parser: a subparser per subcommand, each with `func` set to its `NAME_main(args)`"
     p = argparse.ArgumentParser(prog='fastai-cam', description="Class activation maps for fastai")
     sub = p.add_subparsers(dest='command', metavar='COMMAND', required=True)
@@ -94,7 +101,9 @@ def make_parser()->argparse.ArgumentParser:
     # New subcommands go here: sub.add_parser('NAME', ...), add_NAME_args(it), .set_defaults(func=NAME_main)
     return p
 
-def main(argv:list|None=None)->int:
+# %% ../nbs/06_cli.ipynb #9bd3c92d
+def main(argv:list|None=None, # the arguments, without the program name (default: `sys.argv[1:]`)
+        )->int: # the exit status of the subcommand
     "Entry point of the `fastai-cam` console script"
     args = make_parser().parse_args(argv)
     return args.func(args)

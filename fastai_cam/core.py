@@ -28,7 +28,8 @@ def _is_one(sz):
     if isinstance(sz, (tuple,list)): return all(s == 1 for s in sz)
     return sz == 1
 
-def is_global_pool(m:nn.Module)->bool:
+def is_global_pool(m:nn.Module, # any module
+                  )->bool:
     "Whether `m` pools a `(B,K,h,w)` map to a single location (torch's, fastai's and timm's pooling layers)"
     name = type(m).__name__
     if name not in _POOL_NAMES: return False
@@ -43,17 +44,18 @@ def _pool_path(m:nn.Module):
         if sub: return [(m,i)] + sub
     return None
 
-# %% ../nbs/00_core.ipynb #58d0e25f
+# %% ../nbs/00_core.ipynb #f543a102
 class LayerError(ValueError):
     "A layer that does not exist or cannot be used for the method asked"
 
 @dataclass
 class HeadSplit:
     "The layer that feeds the global pooling and the modules that follow it (the head)"
-    layer:nn.Module
-    head:list
+    layer:nn.Module # the module whose output the pooling receives
+    head:list # the modules after `layer`, pooling included, in the order they run
 
-def split_head(model:nn.Module)->HeadSplit:
+def split_head(model:nn.Module, # the model, e.g. fastai's `Sequential(body, head)` or a torchvision classifier
+              )->HeadSplit:
     "Find the layer whose output feeds the global pooling head, and the modules that make up the head"
     path = _pool_path(model)
     if path is None:
@@ -74,14 +76,15 @@ def find_layer(model:nn.Module, # the model
                layer:nn.Module|str|None=None # a module of `model`, its dotted name, or None for the one feeding the pooling
               )->tuple: # (name, module)
     "Resolve `layer` to `(name, module)`; an unknown name is an error that lists close names"
-    names = {m:n for n,m in model.named_modules()}
     if layer is None: layer = split_head(model).layer
     if isinstance(layer, nn.Module):
-        if layer not in names: raise LayerError(f"The module {type(layer).__name__} given as `layer` is not part of the model.")
-        return names[layer], layer
+        for n,m in model.named_modules():
+            if m is layer: return n, m
+        raise LayerError(f"The module {type(layer).__name__} given as `layer` is not part of the model.")
     if isinstance(layer, str):
-        mods = dict(model.named_modules())
-        if layer in mods: return layer, mods[layer]
+        try: return layer, model.get_submodule(layer)       # a direct walk down the dotted path: no full traversal
+        except AttributeError: pass
+        mods = [n for n,_ in model.named_modules()]
         close = difflib.get_close_matches(layer, [n for n in mods if n], n=6, cutoff=0.5)
         if not close: close = [n for n in mods if n and '.' not in n][:10]
         raise LayerError(f"No layer named {layer!r} in {type(model).__name__}. Close names: {', '.join(close)}")
@@ -93,25 +96,36 @@ class LayerOutputError(LayerError):
 
 class LayerHook:
     "Context manager: a forward hook on `module` that keeps its output and, if `grad`, starts autograd there"
-    def __init__(self, module:nn.Module, grad:bool=False, name:str=''):
+    paused:bool = False   # set during Score-CAM's masked forward passes: every hook stands aside
+    def __init__(self,
+                 module:nn.Module, # the layer to hook
+                 grad:bool=False, # make the output a leaf that requires grad, and switch autograd on from there
+                 name:str='', # the layer's name, for error messages
+                ):
         self.module,self.grad,self.name = module,grad,name
-        self.handle,self.acts,self.active,self.n_calls,self._grad_was = None,None,True,0,None
+        self.handle,self.acts,self.n_calls,self._grad_was = None,None,0,None
     def hook(self, m, inp, out):
-        if not self.active: return
+        "The forward hook: keep `out` in `acts` (detached, or a tensor that requires grad) and pass a copy on"
+        if LayerHook.paused: return
         if not isinstance(out, Tensor) or out.ndim != 4:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise LayerOutputError(f"Layer {self.name or type(m).__name__!r} outputs {shape}, not a (B,K,h,w) "
                                    "feature map: choose a convolutional layer (e.g. the body or one of its stages).")
         self.n_calls += 1
-        a = out.detach()
-        if self.grad:
-            if self._grad_was is None: self._grad_was = torch.is_grad_enabled()
+        if not self.grad:
+            self.acts = out.detach()
+            return out.clone()          # in-place ops downstream cannot touch `acts`; a graph started upstream goes on
+        if not torch.is_grad_enabled():  # only the hook that switched autograd on switches it back
+            if self._grad_was is None: self._grad_was = False
             torch.set_grad_enabled(True)
-            a.requires_grad_()
-        self.acts = a
-        return a.clone()
-    def reset(self): self.acts,self.n_calls = None,0
+        # a fresh leaf, unless a hook on an inner layer already started autograd: then keep its graph going
+        self.acts = out if out.requires_grad else out.detach().requires_grad_()
+        return self.acts.clone()
+    def reset(self):
+        "Forget the kept activations and the count of forward calls"
+        self.acts,self.n_calls = None,0
     def restore_grad_mode(self):
+        "Switch autograd back to what it was before the hooked forward turned it on (call it where the forward ends)"
         if self._grad_was is not None: torch.set_grad_enabled(self._grad_was); self._grad_was = None
     def remove(self):
         "Remove the hook; forget (do not restore) the grad mode saved in a forward that did not finish"
@@ -124,7 +138,8 @@ class LayerHook:
 
 # %% ../nbs/00_core.ipynb #6c507b99
 @contextmanager
-def eval_mode(model:nn.Module):
+def eval_mode(model:nn.Module, # the model (or any module) to switch to eval mode for the block
+             ):
     "Put `model` in eval mode, then restore every module's own `training` flag (nothing to do for a model in eval)"
     was = [m for m in model.modules() if m.training]
     for m in was: m.training = False
@@ -133,7 +148,9 @@ def eval_mode(model:nn.Module):
         for m in was: m.training = True
 
 # %% ../nbs/00_core.ipynb #038abda6
-def check_cls(cls, n:int):
+def check_cls(cls, # the class choice: None, an int, a callable, or one class (or list of classes) per item
+              n:int, # the number of items in the batch
+             ):
     "Raise unless `cls` is None, an int, a callable, or one class (or list of classes) for each of the `n` items"
     if cls is None or isinstance(cls, numbers.Integral) or (callable(cls) and not isinstance(cls, Tensor)): return
     if isinstance(cls, Tensor) and cls.ndim == 0: return
@@ -143,7 +160,10 @@ def check_cls(cls, n:int):
         raise ValueError(f"Got {len(cls)} classes for a batch of {n} items: give one class (or a list of classes) "
                          "per item, a single int for all, or None for the predicted class.")
 
-def resolve_targets(cls, logits:Tensor)->tuple:
+# %% ../nbs/00_core.ipynb #627729cd
+def resolve_targets(cls, # None, an int, one class per item, a list of lists, or `f(logits) -> (items, classes)`
+                    logits:Tensor, # the model's output (B,C)
+                   )->tuple: # (items, classes), two long tensors of the same length N: one map each
     "Turn a class choice into `(items, classes)` index tensors on the logits' device (one map per pair)"
     B,C = logits.shape[0], logits.shape[-1]
     dev = logits.device
@@ -168,11 +188,15 @@ def resolve_targets(cls, logits:Tensor)->tuple:
 # %% ../nbs/00_core.ipynb #3434bb0e
 def _plain_seq(m): return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
-def flat_head(head:Sequence[nn.Module])->list:
+def flat_head(head:Sequence[nn.Module], # the head modules, e.g. `split_head(model).head`
+             )->list:
     "The head's modules, with every plain `nn.Sequential` (one that only calls its children in order) unrolled"
     return [l for m in head for l in (flat_head(list(m)) if _plain_seq(m) else [m])]
 
-def run_head(head:Sequence[nn.Module], x:Tensor)->Tensor:
+# %% ../nbs/00_core.ipynb #8daf20bf
+def run_head(head:Sequence[nn.Module], # the head modules, run in order
+             x:Tensor, # the layer's output (B,K,h,w), or one location per row (B*h*w,K,1,1)
+            )->Tensor:
     "Apply the head modules in order, flattening a 4D tensor before a `Linear`/`BatchNorm1d` (also inside a `Sequential`)"
     for m in flat_head(head):
         if x.ndim > 2 and isinstance(m, (nn.Linear, nn.BatchNorm1d)): x = x.flatten(1)
@@ -181,7 +205,12 @@ def run_head(head:Sequence[nn.Module], x:Tensor)->Tensor:
 
 def _head_logits(out): return out[0] if isinstance(out, (tuple,list)) else out
 
-def cam_from_head(head:Sequence[nn.Module], A:Tensor, items:Tensor, classes:Tensor)->Tensor:
+# %% ../nbs/00_core.ipynb #d9ce45ea
+def cam_from_head(head:Sequence[nn.Module], # the modules after the layer, e.g. `split_head(model).head`
+                  A:Tensor, # the layer's activations (B,K,h,w)
+                  items:Tensor, # item of each map (N,)
+                  classes:Tensor, # class of each map (N,)
+                 )->Tensor: # the maps (N,h,w)
     "CAM maps `head_c(a_ij) - head_c(0)` for each `(item, class)` pair, shape (N,h,w)"
     B,K,h,w = A.shape
     x = A.permute(0,2,3,1).reshape(B*h*w, K, 1, 1)
@@ -198,7 +227,12 @@ def cam_from_head(head:Sequence[nn.Module], A:Tensor, items:Tensor, classes:Tens
         out = (out[:-1] - out[-1:]).view(B, h*w, -1)
         return out[items, :, classes].view(-1, h, w)
 
-def check_head(head, A:Tensor, logits:Tensor, layer_name:str=''):
+# %% ../nbs/00_core.ipynb #e224e78b
+def check_head(head:Sequence[nn.Module], # the modules after the layer, e.g. `split_head(model).head`
+               A:Tensor, # the layer's activations (B,K,h,w) from the forward that gave `logits`
+               logits:Tensor, # the model's output of that forward (B,C)
+               layer_name:str='', # the layer's name, for the error message
+              ):
     "Raise if running `head` on `A` does not give `logits` (the model's forward is not `head(layer(...))`)"
     with eval_mode(nn.ModuleList(list(head))), torch.no_grad(): out = _head_logits(run_head(head, A))
     if out.ndim == 4 and out.shape[-2:] == (1,1): out = out.flatten(1)     # e.g. squeezenet: pooling is the last module
@@ -208,34 +242,56 @@ def check_head(head, A:Tensor, logits:Tensor, layer_name:str=''):
                          "computed exactly from the head: use a gradient method such as method='gradcam'.")
 
 # %% ../nbs/00_core.ipynb #c6e938ed
-def scorecam_scores(model:nn.Module, x:Tensor, A:Tensor, items:Tensor, classes:Tensor, batch_size:int=32,
-                    pbar:Callable|None=None)->Tensor:
+def scorecam_scores(model:nn.Module, # the model, hook inactive
+                    x:Tensor, # the input batch (B,C,H,W)
+                    A:Tensor, # the layer's activations (B,K,h,w)
+                    items:Tensor, # item of each target (N,)
+                    classes:Tensor, # class of each target (N,)
+                    batch_size:int=32, # masked inputs per forward pass
+                    pbar:Callable|None=None, # wraps the range of batches, e.g. `fastprogress.progress_bar`
+                   )->Tensor: # target logits (N,K)
     "Target logit of each input masked by each upsampled, min-max normalised channel of `A`: (N,K)"
     N,K = len(items), A.shape[1]
-    scores = torch.empty(N*K, device=A.device)
-    pi = torch.arange(N, device=A.device).repeat_interleave(K)   # pair of each masked input
-    ki = torch.arange(K, device=A.device).repeat(N)              # channel of each masked input
     H,W = x.shape[-2:]
-    rng = range(0, N*K, batch_size)
+    flat = A.flatten(2)[items]
+    live = flat.amax(-1) > flat.amin(-1)                          # (N,K); a constant channel's mask is all zeros
+    pi,ki = live.nonzero(as_tuple=True)                           # the pairs that need their own masked forward
+    scores = torch.empty(N, K, device=A.device)
+    nhwc = x.ndim == 4 and x.device.type == 'cpu'
+    def fwd(inp):
+        nonlocal nhwc
+        if nhwc:
+            try: return _head_logits(model(inp.contiguous(memory_format=torch.channels_last)))
+            except RuntimeError: nhwc = False                     # e.g. a model that .view()s a 4-d tensor
+        return _head_logits(model(inp))
     with torch.no_grad():
+        if not bool(live.all()):
+            zero = fwd(torch.zeros_like(x[:1]))[0].float()
+            dead = ~live
+            scores[dead] = zero[classes[:,None].expand(N,K)[dead]]
+        rng = range(0, len(pi), batch_size)
         for s in (pbar(rng) if pbar else rng):
             p,k = pi[s:s+batch_size], ki[s:s+batch_size]
             masks = scorecam_masks(A[items[p], k][:,None], (H,W)).to(x.dtype)    # (b,1,H,W)
-            out = _head_logits(model(x[items[p]] * masks))
-            scores[s:s+batch_size] = out[torch.arange(len(p), device=out.device), classes[p]].float()
-    return scores.view(N, K)
+            out = fwd(x[items[p]] * masks)
+            scores[p,k] = out[torch.arange(len(p), device=out.device), classes[p]].float()
+    return scores
 
 # %% ../nbs/00_core.ipynb #74c461c2
 @dataclass
 class CAMOutput:
     "Raw maps (N,h,w) for the `(items, classes)` pairs, with the model's logits of the forward pass"
-    maps:Tensor
-    logits:Tensor
-    items:Tensor
-    classes:Tensor
-    acts:Tensor|None=None
+    maps:Tensor # the raw maps (N,h,w), float32, one per `(item, class)` pair
+    logits:Tensor # the model's output (B,C) of the forward pass, detached
+    items:Tensor # the item of each map (N,)
+    classes:Tensor # the class of each map (N,)
+    acts:Tensor|None=None # the layer's activations (B,K,h,w), when asked for
 
-def check_cam_layer(model:nn.Module, module:nn.Module, name:str=''):
+# %% ../nbs/00_core.ipynb #2a503c97
+def check_cam_layer(model:nn.Module, # the model
+                    module:nn.Module, # the layer asked for
+                    name:str='', # its name, for the error message
+                   )->HeadSplit: # the model's `split_head`
     "Raise unless `module` is the layer that feeds the pooling head (or the last module of that layer)"
     split = split_head(model)
     ok,m = [split.layer],split.layer
@@ -246,7 +302,11 @@ def check_cam_layer(model:nn.Module, module:nn.Module, name:str=''):
                          "method, e.g. method='gradcam' (or 'gradcam++', 'layercam', 'hirescam', 'xgradcam').")
     return split
 
-def prepare(model:nn.Module, method:str='cam', layer=None)->tuple:
+# %% ../nbs/00_core.ipynb #dc50c7dc
+def prepare(model:nn.Module, # the model
+            method:str='cam', # a name from `METHODS`
+            layer=None, # a module, a dotted name, or None (the layer feeding the pooling head)
+           )->tuple: # (method, layer name, layer module, CAM's head or None)
     "Resolve method and layer with clear errors before any forward pass: (Method, name, module, head or None)"
     meth = get_method(method)
     if meth.name == 'cam':
@@ -262,35 +322,48 @@ def prepare(model:nn.Module, method:str='cam', layer=None)->tuple:
                                "Choose a convolutional layer (e.g. the body or one of its stages).")
     return meth, name, mod, None
 
-def _grads(logits, leaf, items, classes, name):
-    "dS/dA for each (item, class) pair, one backward per round of distinct items; (N,K,h,w)"
+# %% ../nbs/00_core.ipynb #d8cb7c87
+def _rounds(items:Tensor)->list:
+    "Indices of the (item, class) pairs of each backward pass: round r takes the r-th requested class of each item"
     N = len(items)
-    # round r takes the r-th requested class of each item
+    if N == 0: return []
+    if torch.equal(items, torch.arange(N, device=items.device)): return [items]   # one class per item: one round
     order = torch.argsort(items, stable=True)
-    rank = torch.empty_like(order)
-    if N:
-        it_sorted = items[order]
-        starts = torch.ones_like(it_sorted, dtype=torch.bool); starts[1:] = it_sorted[1:] != it_sorted[:-1]
-        idx = torch.arange(N, device=items.device)
-        first_pos = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0)[0]
-        rank[order] = idx - first_pos
-    n_rounds = int(rank.max().item()) + 1 if N else 0
-    G = torch.empty((N,) + tuple(leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device)
+    it_sorted = items[order]
+    starts = torch.ones_like(it_sorted, dtype=torch.bool); starts[1:] = it_sorted[1:] != it_sorted[:-1]
+    idx = torch.arange(N, device=items.device)
+    first_pos = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0)[0]
+    rank = torch.empty_like(order); rank[order] = idx - first_pos
+    return [(rank == r).nonzero().squeeze(1) for r in range(int(rank.max().item()) + 1)]
+
+def _grads(logits, leaf, items, classes, name, retain_graph=False):
+    "dS/dA for each (item, class) pair, one backward per round of distinct items; (N,K,h,w)"
+    rounds = _rounds(items)
+    G = torch.empty((len(items),) + tuple(leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device)
     if torch.is_inference_mode_enabled() or leaf.is_inference():
         raise RuntimeError("Gradient methods cannot run under torch.inference_mode(): use torch.no_grad() (or a "
                            "gradient-free method: 'cam', 'scorecam', 'eigencam').")
     unused = LayerError(f"The model's output does not depend on layer {name!r}: choose a layer on the path to the output.")
     if not logits.requires_grad: raise unused
-    for r in range(n_rounds):
-        sel = (rank == r).nonzero().squeeze(1)
+    for r,sel in enumerate(rounds):
         with torch.enable_grad(): score = logits[items[sel], classes[sel]].sum()
-        g, = torch.autograd.grad(score, leaf, retain_graph=r < n_rounds-1, allow_unused=True)
+        g, = torch.autograd.grad(score, leaf, retain_graph=retain_graph or r < len(rounds)-1, allow_unused=True)
         if g is None: raise unused
         G[sel] = g[items[sel]]
     return G
 
-def finish_cams(meth, hook:LayerHook, logits:Tensor, cls, head=None, model=None, x=None, name='',
-                batch_size:int=32, pbar=None)->CAMOutput:
+def finish_cams(meth:Method, # the method, from `prepare`
+                hook:LayerHook, # the hook that saw the forward pass
+                logits:Tensor, # the forward's output (or a tuple whose first element is the logits)
+                cls, # None (predicted), an int, one per item, a list of lists, or `f(logits)->(items,classes)`
+                head=None, # CAM: the head from `prepare`
+                model=None, # Score-CAM: the model, for the masked forward passes
+                x=None, # Score-CAM: the input batch (B,C,H,W)
+                name='', # the layer's name, for error messages
+                batch_size:int=32, # Score-CAM: masked inputs per forward pass
+                pbar=None, # Score-CAM: wraps the range of batches, e.g. `fastprogress.progress_bar`
+                retain_graph:bool=False, # keep the graph after the backward passes (another callback still needs it)
+               )->CAMOutput:
     "From the hooked forward's activations and logits, compute the maps of the chosen targets"
     if hook.acts is None:
         raise LayerError(f"Layer {name!r} did not run during the forward pass: choose a layer the model uses.")
@@ -301,15 +374,16 @@ def finish_cams(meth, hook:LayerHook, logits:Tensor, cls, head=None, model=None,
         check_head(head, A.detach(), logits.detach(), name)
         maps = cam_from_head(head, A.detach(), items, classes)
     elif meth.needs_grad:
-        G = _grads(logits, A, items, classes, name)
+        G = _grads(logits, A, items, classes, name, retain_graph)
         maps = meth.fn(A.detach()[items], G)
     elif meth.name == 'scorecam':
-        hook.active = False
+        LayerHook.paused = True            # every hook, also another callback's: the masked passes are not predictions
         try: maps = scorecam(A.detach()[items], scorecam_scores(model, x, A.detach(), items, classes, batch_size, pbar))
-        finally: hook.active = True
+        finally: LayerHook.paused = False
     else: maps = meth.fn(A.detach()[items])
     return CAMOutput(maps.float(), logits.detach(), items, classes, A.detach())
 
+# %% ../nbs/00_core.ipynb #b9c5bf46
 def compute_cams(model:nn.Module, # any model whose first output is the logits
                  xb, # the input batch: a tensor or a tuple of tensors
                  method:str='cam', # a name from `METHODS`
@@ -332,6 +406,13 @@ def compute_cams(model:nn.Module, # any model whose first output is the logits
     if not keep_acts: out.acts = None
     return out
 
-def cam_maps(model:nn.Module, xb, method:str='cam', layer=None, cls=None, **kwargs)->Tensor:
+# %% ../nbs/00_core.ipynb #7997e600
+def cam_maps(model:nn.Module, # any model whose first output is the logits
+             xb, # the input batch: a tensor or a tuple of tensors
+             method:str='cam', # a name from `METHODS`
+             layer=None, # a module, a dotted name, or None (the layer feeding the pooling head)
+             cls=None, # None (predicted), an int, one per item, a list of lists, or `f(logits)->(items,classes)`
+             **kwargs
+            )->Tensor: # the maps, float32 (N,h,w)
     "Raw class activation maps (B,h,w) (or (N,h,w) for several classes per item), float32 on the input's device"
     return compute_cams(model, xb, method=method, layer=layer, cls=cls, **kwargs).maps

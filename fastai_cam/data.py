@@ -78,7 +78,8 @@ def make_digit_scenes(n:int, # number of images
                       clutter:float=0.4, # strength (max opacity) of the faint blobs and strokes; 0: plain background
                       src_idx=None, # indices of scikit-learn's digits to draw from (None: all 1797)
                       noise:float=0.03, # std of the Gaussian pixel noise (in [0,1] units)
-                      n_blobs:int=3, n_strokes:int=3, # clutter items per image (each drawn with probability 0.8)
+                      n_blobs:int=3, # faint Gaussian blobs of clutter per image (each drawn with probability 0.8)
+                      n_strokes:int=3, # faint line strokes of clutter per image (each drawn with probability 0.8)
                       margin:int=3, # clutter keeps this many pixels away from the digit's box
                       ink:float=0.1, # a pixel belongs to the digit's box when its digit opacity is above this
                       chunk:int=1024, # images rendered at once (bounds memory)

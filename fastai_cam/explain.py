@@ -59,7 +59,10 @@ def collect_images(paths, # files, folders (searched recursively for image exten
     return sorted(files.values(), key=str), root
 
 # %% ../nbs/07_explain.ipynb #b996c6c9
-def overlay_names(files:list, root:Path|None, ext:str='.png')->list:
+def overlay_names(files:list, # the input files, as `collect_images` returns them
+                  root:Path|None, # the folder the names are relative to; None: the full path, flattened
+                  ext:str='.png', # extension of the overlays
+                 )->list: # a `Path` per file, relative to the output folder
     "Relative path (under the output folder) of the overlay of each file, with extension `ext`"
     def _rel(f):
         a = os.path.abspath(f)
@@ -93,13 +96,15 @@ def atomic_write(path, # the file to write
         raise
 
 # %% ../nbs/07_explain.ipynb #973d66d2
-def colormap_lut(cmap:str='magma')->np.ndarray:
+def colormap_lut(cmap:str='magma', # a matplotlib colormap name
+                )->np.ndarray:
     "A matplotlib colormap as a (256,3) uint8 lookup table"
     import matplotlib
     if cmap not in matplotlib.colormaps:
         raise ValueError(f"Unknown colormap {cmap!r}: use a matplotlib colormap, e.g. magma, jet, viridis, inferno.")
     return (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
+# %% ../nbs/07_explain.ipynb #53983d61
 def blend_cams(imgs:np.ndarray, # (N,H,W,3) or (N,H,W,1) uint8 images
                maps:np.ndarray, # (N,H,W) maps in [0,1]
                alpha:float=0.6, # opacity of the heatmap
@@ -115,7 +120,10 @@ def blend_cams(imgs:np.ndarray, # (N,H,W,3) or (N,H,W,1) uint8 images
     out += rest; out += 128; out >>= 8
     return out.astype(np.uint8)
 
-def draw_title(img:Image.Image, text:str)->Image.Image:
+# %% ../nbs/07_explain.ipynb #77a29035
+def draw_title(img:Image.Image, # an RGB image, drawn on in place
+               text:str, # the title (`explain` writes the explained label and its probability)
+              )->Image.Image: # `img`
     "Write `text` in the top-left corner of `img`, white on a dark box"
     d = ImageDraw.Draw(img)
     x0,y0,x1,y1 = d.textbbox((2, 1), text)
@@ -124,7 +132,8 @@ def draw_title(img:Image.Image, text:str)->Image.Image:
     return img
 
 # %% ../nbs/07_explain.ipynb #152f09e3
-def check_image(fn)->str|None:
+def check_image(fn, # the file to check
+               )->str|None:
     "None if `fn` looks like a readable image (PIL `verify`), else why not"
     try:
         with Image.open(fn) as im: im.verify()
@@ -342,7 +351,8 @@ def explain(model, # an exported learner (`.pkl`) or a `Learner`
     return pd.DataFrame(rows, columns=EXPLAIN_COLUMNS)
 
 # %% ../nbs/07_explain.ipynb #6ef72641
-def add_explain_args(p:argparse.ArgumentParser)->argparse.ArgumentParser:
+def add_explain_args(p:argparse.ArgumentParser, # the parser (or subparser) that gets the arguments
+                    )->argparse.ArgumentParser: # `p`, for chaining
     "Add the arguments of `fastai-cam explain` to the parser `p`"
     p.add_argument('model', help="an exported learner (the .pkl that learn.export() writes)")
     p.add_argument('paths', nargs='+', help="image files, folders (searched recursively for images), or @list.txt: "
@@ -367,7 +377,9 @@ def add_explain_args(p:argparse.ArgumentParser)->argparse.ArgumentParser:
     p.add_argument('-q', '--quiet', action='store_true', help="no progress bar and no summary")
     return p
 
-def explain_main(args:argparse.Namespace)->int:
+# %% ../nbs/07_explain.ipynb #87cfd940
+def explain_main(args:argparse.Namespace, # parsed by a parser that `add_explain_args` set up
+                )->int: # 0: some images explained; 1: none could be; 2: a mistake in the command
     "Run `fastai-cam explain` with parsed `args`; returns the exit status"
     err = lambda m: print(f"fastai-cam explain: {m}", file=sys.stderr, flush=True)
     if not Path(args.model).is_file():

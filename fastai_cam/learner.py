@@ -66,20 +66,31 @@ def cam(self:Learner,
 # %% ../nbs/03_learner.ipynb #c411682d
 class count_forwards:
     "Context manager counting the forward passes of `model` (to check that errors come before any work)"
-    def __init__(self, model): self.model,self.n = model,0
+    def __init__(self,
+                 model, # the module whose forward calls are counted (a forward hook, removed on exit)
+                ): self.model,self.n = model,0
     def __enter__(self):
         self.h = self.model.register_forward_hook(lambda *a: setattr(self, 'n', self.n+1)); return self
     def __exit__(self, *a): self.h.remove()
 
 # %% ../nbs/03_learner.ipynb #a1129b36
-def show_cam_overlay(img, cam_map:Tensor, ax=None, alpha:float=0.6, cmap:str='magma', interpolation:str='bilinear',
-                     title:str|None=None, figsize=None, **kwargs):
+def show_cam_overlay(img, # a decoded image: a (3,H,W) tensor or a PIL image
+                     cam_map:Tensor, # the map (h,w), stretched over the image (`CAMResult.maps` are at its size)
+                     ax=None, # a matplotlib axis to draw on (default: a new figure)
+                     alpha:float=0.6, # opacity of the heatmap
+                     cmap:str='magma', # colormap of the heatmap
+                     interpolation:str='bilinear', # how matplotlib resamples the heatmap
+                     title:str|None=None, # title of the axis
+                     figsize=None, # size of the new figure, when `ax` is None
+                     **kwargs # passed to `ax.imshow` for the heatmap (e.g. `vmin`, `vmax`)
+                    ):
     "Show `img` (a decoded image tensor or PIL image) with `cam_map` (H,W) on top; returns the axis"
     ax = show_image(img, ax=ax, figsize=figsize, title=title)
-    H,W = cam_map.shape[-2:]
-    ax.imshow(cam_map.detach().float().cpu(), alpha=alpha, cmap=cmap, extent=(0,W,H,0), interpolation=interpolation, **kwargs)
+    extent = ax.images[-1].get_extent()      # the image's own pixel edges: the map covers exactly the same pixels
+    ax.imshow(cam_map.detach().float().cpu(), alpha=alpha, cmap=cmap, extent=extent, interpolation=interpolation, **kwargs)
     return ax
 
+# %% ../nbs/03_learner.ipynb #4a896004
 def _titles(r:CAMResult):
     labels,probs = r.labels, r.probs.tolist()
     if r.targets is None or r.targets.ndim != 1: return [f"{l} {p:.2f}" for l,p in zip(labels, probs)]

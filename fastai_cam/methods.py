@@ -12,7 +12,7 @@ import torch, torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['METHODS', 'weighted_sum', 'gradcam', 'gradcam_pp', 'xgradcam', 'hirescam', 'layercam', 'eigencam', 'minmax',
+__all__ = ['METHODS', 'weighted_sum', 'gradcam', 'gradcam_pp', 'xgradcam', 'hirescam', 'layercam', 'top_pc', 'eigencam', 'minmax',
            'upsample', 'scorecam_masks', 'scorecam', 'Method', 'get_method']
 
 # %% ../nbs/01_methods.ipynb #0e134def
@@ -27,13 +27,18 @@ def weighted_sum(A:Tensor, # activations (N,K,h,w)
     return m.relu() if relu else m
 
 # %% ../nbs/01_methods.ipynb #f1d4b418
-def gradcam(A:Tensor, G:Tensor)->Tensor:
+def gradcam(A:Tensor, # activations of the target layer (N,K,h,w)
+            G:Tensor, # gradients of the target logit with respect to `A` (N,K,h,w)
+           )->Tensor: # maps (N,h,w)
     "Grad-CAM (Selvaraju et al. 2017): `w_k = mean_ij G`, map = ReLU(sum_k w_k A_k)"
     A,G = _f32(A,G)
     return weighted_sum(A, G.mean((2,3)))
 
 # %% ../nbs/01_methods.ipynb #923ab0ba
-def gradcam_pp(A:Tensor, G:Tensor, eps:float=1e-7)->Tensor:
+def gradcam_pp(A:Tensor, # activations of the target layer (N,K,h,w)
+               G:Tensor, # gradients of the target logit with respect to `A` (N,K,h,w)
+               eps:float=1e-7, # added to the denominator of `alpha`, which can vanish
+              )->Tensor: # maps (N,h,w)
     "Grad-CAM++ (Chattopadhay et al. 2018, eq. 19 closed form)"
     A,G = _f32(A,G)
     g2 = G*G
@@ -42,30 +47,74 @@ def gradcam_pp(A:Tensor, G:Tensor, eps:float=1e-7)->Tensor:
     return weighted_sum(A, (alpha*G.relu()).sum((2,3)))
 
 # %% ../nbs/01_methods.ipynb #74d35277
-def xgradcam(A:Tensor, G:Tensor, eps:float=1e-7)->Tensor:
+def xgradcam(A:Tensor, # activations of the target layer (N,K,h,w)
+             G:Tensor, # gradients of the target logit with respect to `A` (N,K,h,w)
+             eps:float=1e-7, # added to `sum_ij A_k`, which is 0 for a dead channel
+            )->Tensor: # maps (N,h,w)
     "XGrad-CAM (Fu et al. 2020): `w_k = sum_ij(A_k G_k) / (sum_ij A_k + eps)`"
     A,G = _f32(A,G)
     return weighted_sum(A, (A*G).sum((2,3)) / (A.sum((2,3)) + eps))
 
-def hirescam(A:Tensor, G:Tensor)->Tensor:
+def hirescam(A:Tensor, # activations of the target layer (N,K,h,w)
+             G:Tensor, # gradients of the target logit with respect to `A` (N,K,h,w)
+            )->Tensor: # maps (N,h,w)
     "HiResCAM (Draelos & Carin 2020): ReLU(sum_k G_k * A_k), element-wise, no spatial mean"
     A,G = _f32(A,G)
     return (A*G).sum(1).relu()
 
-def layercam(A:Tensor, G:Tensor)->Tensor:
+def layercam(A:Tensor, # activations of the target layer (N,K,h,w)
+             G:Tensor, # gradients of the target logit with respect to `A` (N,K,h,w)
+            )->Tensor: # maps (N,h,w)
     "LayerCAM (Jiang et al. 2021): ReLU(sum_k ReLU(G_k) * A_k)"
     A,G = _f32(A,G)
     return (A*G.relu()).sum(1).relu()
 
 # %% ../nbs/01_methods.ipynb #f2e9a632
-def eigencam(A:Tensor, G:Tensor|None=None)->Tensor:
+def _top_pc_gram(X:Tensor)->Tensor:
+    "`X v1` for the first right singular vector `v1` of each (n,K) item of `X`, from the smaller Gram matrix in float64"
+    Xd = X.double()
+    if X.shape[1] <= X.shape[2]:                          # n <= K: X v1 = s1 u1, u1 the top eigenvector of X X^T
+        u = torch.linalg.eigh(Xd @ Xd.transpose(1,2))[1][...,-1:]
+        return (u * (Xd.transpose(1,2) @ u).norm(dim=1, keepdim=True)).squeeze(-1).to(X)
+    v = torch.linalg.eigh(Xd.transpose(1,2) @ Xd)[1][...,-1:]
+    return (Xd @ v).squeeze(-1).to(X)
+
+def top_pc(X:Tensor, # centred data (N, n, K): n samples of K features per item
+           q:int=8, # width of the iterated subspace
+           max_iter:int=60, # iterations before the exact fallback
+           tol:float=1e-5, # bound on the sine of the angle to the true first direction
+           exact_below:int=64, # use the exact Gram route when min(n, K) is at most this
+          )->Tensor: # projections `X v1`, (N, n), sign arbitrary
+    "Projection of each item of `X` on its first principal direction, without a full SVD"
+    N,n,K = X.shape
+    if min(n,K) <= exact_below: return _top_pc_gram(X)
+    q = min(q, n, K)
+    Xt, Xd = X.transpose(1,2), X.double()
+    Q = torch.linalg.qr(Xt[..., torch.linspace(0, n-1, q, device=X.device).long()]).Q    # deterministic start (N,K,q)
+    for it in range(1, max_iter+1):
+        Q = torch.linalg.qr(Xt @ (X @ Q)).Q
+        if it % 3 and it < max_iter: continue                                 # check convergence every 3rd step
+        XQ = X @ Q
+        lam,W = torch.linalg.eigh((XQ.transpose(1,2) @ XQ).double())        # Rayleigh-Ritz, ascending
+        v = Q.double() @ W[...,-1:]                                          # (N,K,1)
+        Xv = Xd @ v
+        res = (Xd.transpose(1,2) @ Xv - lam[:,-1,None,None]*v).norm(dim=(1,2))
+        ok = res < tol*(lam[:,-1] - lam[:,-2])                             # residual / gap bounds sin(angle)
+        if bool(ok.all()): break
+    proj = Xv.squeeze(-1).to(X)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().squeeze(1)
+        proj[bad] = _top_pc_gram(X[bad])
+    return proj
+
+def eigencam(A:Tensor, # activations of the target layer (N,K,h,w)
+             G:Tensor|None=None, # ignored: Eigen-CAM needs no gradient (the signature is that of the other methods)
+            )->Tensor: # maps (N,h,w)
     "Eigen-CAM (Muhammad & Yeasin 2020): first principal component of `A`, sign agreeing with the mean map"
     A, = _f32(A)
     N,K,h,w = A.shape
     X = A.flatten(2).transpose(1,2)                       # (N, hw, K)
-    X = X - X.mean(1, keepdim=True)
-    _,_,Vh = torch.linalg.svd(X, full_matrices=False)
-    proj = (X @ Vh[:,0,:,None]).squeeze(-1)              # (N, hw)
+    proj = top_pc(X - X.mean(1, keepdim=True))            # (N, hw)
     mean = A.mean(1).flatten(1)
     corr = ((proj - proj.mean(1,keepdim=True)) * (mean - mean.mean(1,keepdim=True))).sum(1)
     sign = torch.where(corr < 0, -1., 1.).to(proj)
@@ -86,7 +135,8 @@ def minmax(maps:Tensor, # (..., h, w)
 
 def upsample(maps:Tensor, # (N,h,w) or (N,K,h,w)
              size, # target (H,W)
-             mode:str='bilinear')->Tensor:
+             mode:str='bilinear', # mode of `F.interpolate`: 'bilinear', 'nearest', 'bicubic', ...
+            )->Tensor: # maps (N,H,W) or (N,K,H,W)
     "Upsample a batch of maps with `F.interpolate` (`align_corners=False`)"
     x = maps.float()
     sq = x.ndim == 3
@@ -94,11 +144,15 @@ def upsample(maps:Tensor, # (N,h,w) or (N,K,h,w)
     x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
     return x[:,0] if sq else x
 
-def scorecam_masks(A:Tensor, size)->Tensor:
+def scorecam_masks(A:Tensor, # activations of the target layer (N,K,h,w)
+                   size, # input size (H,W)
+                  )->Tensor: # masks in [0,1] (N,K,H,W)
     "Score-CAM masks: each channel upsampled to `size` and min-max normalised, (N,K,H,W)"
     return minmax(upsample(A, size))
 
-def scorecam(A:Tensor, scores:Tensor)->Tensor:
+def scorecam(A:Tensor, # activations of the target layer (N,K,h,w)
+             scores:Tensor, # target logit of the input masked with each channel (N,K)
+            )->Tensor: # maps (N,h,w)
     "Score-CAM map from `A` (N,K,h,w) and the target logits of the masked inputs `scores` (N,K)"
     return weighted_sum(A, scores.float().softmax(-1))
 
@@ -106,11 +160,12 @@ def scorecam(A:Tensor, scores:Tensor)->Tensor:
 @dataclass(frozen=True)
 class Method:
     "A CAM flavour: its name, the function of `(A, G)` and what it needs"
-    name:str
-    fn:Callable|None
-    needs_grad:bool
-    doc:str=''
+    name:str # the name users pass, and the key in `METHODS` ('gradcam++')
+    fn:Callable|None # the map as a function of `(A, G)`; None where the core computes it ('cam', 'scorecam')
+    needs_grad:bool # whether the backward pass (the gradients `G`) is needed
+    doc:str='' # a one-line description
 
+# %% ../nbs/01_methods.ipynb #30074d6c
 METHODS = {m.name:m for m in [
     Method('cam', None, False, 'class score of each location alone (Zhou et al. 2016)'),
     Method('gradcam', gradcam, True, 'channels weighted by the mean gradient'),
@@ -122,7 +177,9 @@ METHODS = {m.name:m for m in [
     Method('eigencam', eigencam, False, 'first principal component of the activations'),
 ]}
 
-def get_method(name:str)->Method:
+# %% ../nbs/01_methods.ipynb #cc61768c
+def get_method(name:str, # a method name, case and `_`/`-` insensitive: 'GradCAM', 'gradcam_pp', 'Layer-CAM', ...
+              )->Method: # its entry of `METHODS`
     "Look up a method by name (case and `_`/`-` insensitive), with a clear error listing the methods"
     key = str(name).lower().replace('_','').replace('-','').replace('plusplus','++').replace('pp','++')
     for k,m in METHODS.items():

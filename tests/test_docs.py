@@ -106,3 +106,10 @@ def test_processing(tmp_path):
     # an exported function without a saved show_doc gets its API docs from the module, as nbdev adds them
     assert 'id="split_head"' in a and 'Find the layer whose output feeds the global pooling head' in a
     assert 'href="alpha.html"' in b and 'alpha.html#nowhere' not in b   # a dead anchor falls back to the page
+
+def test_every_public_name_is_documented():
+    "Each public name: a show_doc (a constant: prose) in its notebook, a docstring, a docments comment on each parameter"
+    spec = importlib.util.spec_from_file_location('check_api_docs', ROOT/'tools'/'check_api_docs.py')
+    cad = importlib.util.module_from_spec(spec); spec.loader.exec_module(cad)
+    gaps = list(cad.problems())
+    assert not gaps, '\n'.join(f'{nb} {name}: {"; ".join(i)}' for nb,name,i in gaps)

@@ -452,6 +452,19 @@ def test_gradcam_callback_predict_and_get_preds(dls):
     close(r.raw, cam_maps(learn.model, xb, 'layercam', layer='0.0'))
     assert n_hooks(learn.model) == 0 and no_grads(learn.model) and torch.is_grad_enabled()
 
+@pytest.mark.parametrize('outer', ['cam', 'gradcam'])
+def test_callbacks_on_nested_layers(dls, outer):
+    "A CAM (or gradient) callback on the body and a Grad-CAM callback inside it: neither cuts the other's graph"
+    set_seed(0)
+    outer_cb = CAMCallback() if outer == 'cam' else GradCAMCallback(layer='0')
+    inner_cb = GradCAMCallback(method='hirescam', layer='0.0')
+    learn = Learner(dls, tiny_cnn(), cbs=[outer_cb, inner_cb])
+    learn.predict(_img(dls))
+    xb = learn.dls.test_dl([_img(dls)]).one_batch()[0]
+    close(inner_cb.result.raw, cam_maps(learn.model, xb, 'hirescam', layer='0.0'))
+    close(outer_cb.result.raw, cam_maps(learn.model, xb, outer, layer='0'))
+    assert n_hooks(learn.model) == 0 and no_grads(learn.model) and torch.is_grad_enabled()
+
 def test_gradcam_callback_under_inference_mode(dls):
     "fastai's predict cannot leave an outer inference mode: a clear error, and nothing left behind"
     learn = Learner(dls, tiny_cnn(), cbs=GradCAMCallback(layer='0.0'))
