@@ -169,16 +169,18 @@ def speed(quick:bool, rounds:int|None):
                 if method == 'cam' and layer != 'layer4': continue
                 if method == 'scorecam': continue
                 peers = peers_of(method)
-                fns = {'ours': lambda: ours(model, x, method, layer, cls)}
-                if method == 'cam':
-                    fns['raw'] = lambda: cam_maps(model, x, method, layer, cls)
-                    def fwd():
-                        with torch.no_grad(): model(x)
-                    fns['fwd'] = fwd
+                def fwd():
+                    with torch.no_grad(): model(x)
+                fns = {'ours': lambda: ours(model, x, method, layer, cls), 'fwd': fwd}   # fwd: the floor's unit
+                if method == 'cam': fns['raw'] = lambda: cam_maps(model, x, method, layer, cls)
                 for p in peers: fns[p] = functools.partial(run_impl, p, model, x, method, layer, cls)
                 t = interleaved(fns, rounds if bs > 1 else rounds + 2)
                 cells = [fmt_r(ratio(t, 'ours', p)) if p in peers else '' for p in all_peers]
-                extra = f"raw/forward {fmt_r(ratio(t, 'raw', 'fwd'))}" if method == 'cam' else ''
+                # each contender in units of a no_grad forward: ours cannot go below 1 (CAM, Eigen-CAM) or below
+                # forward + backward to the layer (gradient methods), so peer/forward bounds the reachable ratio
+                extra = f"ours {fmt_r(ratio(t, 'ours', 'fwd'))}" + ''.join(
+                    f", {p} {fmt_r(ratio(t, p, 'fwd'))}" for p in peers if p == 'pytorch-grad-cam') + " a forward"
+                if method == 'cam': extra = f"raw/forward {fmt_r(ratio(t, 'raw', 'fwd'))}; " + extra
                 rows.append([method, layer, bs, fmt_s(med(t['ours'])), *cells, extra, goal_check(method, t, peers)])
     # Score-CAM: batch 1 only, K masked forwards each; resnet18 (512 channels at layer4, 128 at layer2)
     smodel = resnet('resnet18')

@@ -96,7 +96,7 @@ def main(argv=None):
     fwd1()
     t = interleaved(fns, 1, warmup=0)
     add(f"Score-CAM batch 1 ({sarch} {ssize}px, layer4, K={K}) / one no_grad forward", t, 'scorecam', 'fwd1')
-    add(f"Score-CAM batch 1 / K={K} masked no_grad forwards in batches of 32", t, 'scorecam', 'fwdK')
+    add(f"Score-CAM batch 1 / K={K} masked no_grad forwards in batches of 32 (default layout, as the peers run them)", t, 'scorecam', 'fwdK')
 
     print(f"## speed: `cam_maps` vs the minimum work ({a.arch}, {a.size}x{a.size}, batch {a.bs}, CPU)\n")
     print(machine() + f"; {rounds} rounds; total {time.time()-t0:.0f} s\n")
