@@ -3,7 +3,7 @@ called the way its documentation shows, returning maps at input size, min-max no
 
 Not a test and not part of the package: `python benchmarks/<script>.py` puts this folder on `sys.path`."""
 from __future__ import annotations
-import contextlib, io, logging, os, platform, statistics, time, warnings
+import contextlib, io, logging, os, platform, statistics, sys, time, warnings
 from datetime import date
 import torch, torch.nn.functional as F
 
@@ -148,3 +148,16 @@ def run_impl(name:str, model, x, method, layer, cls):
     "Maps at input size in [0,1] from implementation `name` ('ours' or a peer)"
     if name == 'ours': return ours(model, x, method, layer, cls)
     return PEERS[name][0](model, x, method, layer, cls)
+
+# ---------------------------------------------------------------------------------------------- fastai
+def learner_for(model, x):
+    "A fastai `Learner` around `model` whose valid `DataLoader` yields `x` as one batch (for the `learn.cam` rows)"
+    try:
+        from fastai.data.core import DataLoaders
+        from fastai.learner import Learner
+        import fastai_cam.learner  # noqa: F401  (patches Learner.cam / cam_batch)
+        items = list(zip(x, torch.zeros(len(x), dtype=torch.long)))
+        dls = DataLoaders.from_dsets(items, items, bs=len(x), shuffle=False, drop_last=False, num_workers=0)
+        return Learner(dls, model, loss_func=torch.nn.CrossEntropyLoss())
+    except Exception as e:
+        print(f"(no learn.cam rows: {e!r})", file=sys.stderr); return None

@@ -164,6 +164,7 @@ def speed(quick:bool, rounds:int|None):
         torch.manual_seed(0)
         x = torch.randn(bs, 3, size, size)
         with torch.no_grad(): cls = model(x).argmax(1).tolist()
+        learn = learner_for(model, x)
         for layer in ['layer4', 'layer2']:
             for method in METHODS:
                 if method == 'cam' and layer != 'layer4': continue
@@ -182,6 +183,14 @@ def speed(quick:bool, rounds:int|None):
                     f", {p} {fmt_r(ratio(t, p, 'fwd'))}" for p in peers if p == 'pytorch-grad-cam') + " a forward"
                 if method == 'cam': extra = f"raw/forward {fmt_r(ratio(t, 'raw', 'fwd'))}; " + extra
                 rows.append([method, layer, bs, fmt_s(med(t['ours'])), *cells, extra, goal_check(method, t, peers)])
+                if method == 'gradcam' and learn is not None:    # the call a fastai user makes, maps at input size
+                    fns = {'ours': lambda: learn.cam(dl=learn.dls.valid, cls=cls, method=method, layer=layer).maps,
+                           'fwd': fwd}
+                    for p in peers: fns[p] = functools.partial(run_impl, p, model, x, method, layer, cls)
+                    t = interleaved(fns, rounds if bs > 1 else rounds + 2)
+                    cells = [fmt_r(ratio(t, 'ours', p)) if p in peers else '' for p in all_peers]
+                    rows.append(['gradcam: `learn.cam(dl=).maps`', layer, bs, fmt_s(med(t['ours'])), *cells,
+                                 f"ours {fmt_r(ratio(t, 'ours', 'fwd'))} a forward", goal_check(method, t, peers)])
     # Score-CAM: batch 1 only, K masked forwards each; resnet18 (512 channels at layer4, 128 at layer2)
     smodel = resnet('resnet18')
     ssize = 64 if quick else 112

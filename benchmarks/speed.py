@@ -70,7 +70,7 @@ def main(argv=None):
     # end to end: maps at input size in [0,1]
     fns = {'raw': lambda: cam_maps(model, x, 'gradcam'), 'e2e': lambda: ours(model, x, 'gradcam', None, cls)}
     if not a.no_learner:
-        learn = _learner(model, x)
+        learn = learner_for(model, x)
         if learn is not None:
             fns['cam_batch'] = lambda: learn.cam_batch(x, method='gradcam')
             fns['cam_dl'] = lambda: learn.cam(dl=learn.dls.valid, method='gradcam')
@@ -101,17 +101,5 @@ def main(argv=None):
     print(f"## speed: `cam_maps` vs the minimum work ({a.arch}, {a.size}x{a.size}, batch {a.bs}, CPU)\n")
     print(machine() + f"; {rounds} rounds; total {time.time()-t0:.0f} s\n")
     print(table(['measurement', 'ours', 'baseline', 'ratio', 'goal'], rows))
-
-def _learner(model, x):
-    "A fastai `Learner` around `model` whose valid `DataLoader` yields `x` as one batch (for the `learn.cam` rows)"
-    try:
-        from fastai.data.core import DataLoaders
-        from fastai.learner import Learner
-        import fastai_cam.learner  # noqa: F401  (patches Learner.cam / cam_batch)
-        items = list(zip(x, torch.zeros(len(x), dtype=torch.long)))
-        dls = DataLoaders.from_dsets(items, items, bs=len(x), shuffle=False, drop_last=False, num_workers=0)
-        return Learner(dls, model, loss_func=torch.nn.CrossEntropyLoss())
-    except Exception as e:
-        print(f"(no learn.cam rows: {e!r})", file=sys.stderr); return None
 
 if __name__ == '__main__': main()

@@ -249,6 +249,7 @@ def scorecam_scores(model:nn.Module, # the model, hook inactive
                     classes:Tensor, # class of each target (N,)
                     batch_size:int=32, # masked inputs per forward pass
                     pbar:Callable|None=None, # wraps the range of batches, e.g. `fastprogress.progress_bar`
+                    channels_last:bool|None=None, # masked inputs in `channels_last`; None: on the CPU from 96x96 pixels
                    )->Tensor: # target logits (N,K)
     "Target logit of each input masked by each upsampled, min-max normalised channel of `A`: (N,K)"
     N,K = len(items), A.shape[1]
@@ -257,7 +258,8 @@ def scorecam_scores(model:nn.Module, # the model, hook inactive
     live = flat.amax(-1) > flat.amin(-1)                          # (N,K); a constant channel's mask is all zeros
     pi,ki = live.nonzero(as_tuple=True)                           # the pairs that need their own masked forward
     scores = torch.empty(N, K, device=A.device)
-    nhwc = x.ndim == 4 and x.device.type == 'cpu'
+    if channels_last is None: channels_last = x.device.type == 'cpu' and H*W >= 96*96
+    nhwc = channels_last and x.ndim == 4
     def fwd(inp):
         nonlocal nhwc
         if nhwc:
