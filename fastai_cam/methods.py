@@ -7,6 +7,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/methods.html.md"""
 # %% ../nbs/01_methods.ipynb #01b08eba
 from __future__ import annotations
 from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Callable
 import torch, torch.nn.functional as F
 from torch import Tensor
@@ -79,6 +80,14 @@ def _top_pc_gram(X:Tensor)->Tensor:
     v = torch.linalg.eigh(Xd.transpose(1,2) @ Xd)[1][...,-1:]
     return (Xd @ v).squeeze(-1).to(X)
 
+@contextmanager
+def _full_fp32_matmul():
+    "Full float32 matmuls inside (no TF32 / bfloat16 passes, which would stall the iteration), the setting restored after"
+    was = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')
+    try: yield
+    finally: torch.set_float32_matmul_precision(was)
+
 def top_pc(X:Tensor, # centred data (N, n, K): n samples of K features per item
            q:int=8, # width of the iterated subspace
            max_iter:int=60, # iterations before the exact fallback
@@ -88,6 +97,11 @@ def top_pc(X:Tensor, # centred data (N, n, K): n samples of K features per item
     "Projection of each item of `X` on its first principal direction, without a full SVD"
     N,n,K = X.shape
     if min(n,K) <= exact_below: return _top_pc_gram(X)
+    with _full_fp32_matmul(): return _top_pc_iter(X, q, max_iter, tol)
+
+def _top_pc_iter(X, q, max_iter, tol):
+    "Block power iteration with Rayleigh-Ritz for `top_pc`; items that do not pass the residual test take the Gram route"
+    N,n,K = X.shape
     q = min(q, n, K)
     Xt, Xd = X.transpose(1,2), X.double()
     Q = torch.linalg.qr(Xt[..., torch.linspace(0, n-1, q, device=X.device).long()]).Q    # deterministic start (N,K,q)

@@ -34,6 +34,7 @@ def maps_of(model, x, method, layer, cls, **kw):
 @guarded
 def methods_on_cuda(dry=False):
     torch.manual_seed(0)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False   # fp32 comparisons: no TF32
     cpu = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     gpu = torchvision.models.resnet18(weights=None, num_classes=10).eval()
@@ -50,7 +51,7 @@ def methods_on_cuda(dry=False):
             check(f"fp32 cuda == cpu  {m:9s} {layer or 'auto'}", out.device.type == DEV and out.dtype == torch.float32
                   and (minmax(out).cpu() - ref).abs().max().item() < 1e-3,
                   f"max diff {(minmax(out).cpu() - ref).abs().max().item():.1e}")
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     # float16 weights and inputs in channels_last, and autocast: the same maps, up to half precision
     half = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     half.load_state_dict(cpu.state_dict())
@@ -140,6 +141,11 @@ def timings():
     fns = {'forward': fwd, **{f'{m}@{l or "layer4"}': (lambda m=m, l=l: cam_maps(model, x, method=m, layer=l))
            for m, l in [('cam', None), ('gradcam', None), ('gradcam', 'layer2'), ('layercam', 'layer2'),
                         ('eigencam', None), ('eigencam', 'layer2')]}}
+    def eigen_tf32():   # TF32 matmuls switched on, as many users do: top_pc must not stall (it runs them in full fp32)
+        was = torch.get_float32_matmul_precision(); torch.set_float32_matmul_precision('high')
+        try: cam_maps(model, x, method='eigencam', layer='layer2')
+        finally: torch.set_float32_matmul_precision(was)
+    fns['eigencam@layer2 tf32'] = eigen_tf32
     t = bench(fns)
     print("resnet50 224px batch 16, fp16 channels_last, median ms and ratio to a no_grad forward:")
     for k, v in t.items(): print(f"   {k:18s} {v*1e3:8.2f} ms  {v/t['forward']:5.2f}x")
