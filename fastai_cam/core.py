@@ -54,6 +54,10 @@ class HeadSplit:
     layer:nn.Module # the module whose output the pooling receives
     head:list # the modules after `layer`, pooling included, in the order they run
 
+def _is_aux_head(name:str, m:nn.Module)->bool:
+    "An auxiliary classifier branch (googlenet's `aux1`/`aux2`, inception's `AuxLogits`): registered, but not on the path"
+    return name.lower().startswith('aux') and any(isinstance(l, nn.Linear) for l in m.modules())
+
 def split_head(model:nn.Module, # the model, e.g. fastai's `Sequential(body, head)` or a torchvision classifier
               )->HeadSplit:
     "Find the layer whose output feeds the global pooling head, and the modules that make up the head"
@@ -67,7 +71,8 @@ def split_head(model:nn.Module, # the model, e.g. fastai's `Sequential(body, hea
         kids = list(cont.children())
         if layer is not None: head += kids[i+1:]; continue
         head = kids[i:] if head is None else kids[i:]
-        if i > 0: layer = kids[i-1]
+        feeders = [k for n,k in list(cont.named_children())[:i] if not _is_aux_head(n, k)]
+        if feeders: layer = feeders[-1]
     if layer is None: raise LayerError("The global pooling is the first module of the model: nothing feeds it.")
     return HeadSplit(layer, head)
 

@@ -235,6 +235,17 @@ def test_torchvision_archs_auto_layer(arch):
     # the automatic layer is the one feeding the pooling head, so CAM is defined there
     assert cam_maps(model, x, method='cam', cls=0).isfinite().all()
 
+@pytest.mark.parametrize('arch,layer,size', [('googlenet', 'inception5b', 64), ('inception_v3', 'Mixed_7c', 160)])
+def test_auxiliary_classifiers_skipped(arch, layer, size):
+    "googlenet registers aux1/aux2 (inception: AuxLogits) beside the body: the auto layer is the one the pooling gets"
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=3, init_weights=False)
+    assert find_layer(model)[0] == layer
+    x = torch.randn(1, 3, size, size)
+    model = check_arch(model, x)
+    close(cam_maps(model, x, 'gradcam', cls=1), cam_maps(model, x, 'gradcam', layer=layer, cls=1))
+    assert cam_maps(model, x, method='cam', cls=1).isfinite().all()    # the head [avgpool, dropout, fc] checks out
+
 def test_densenet121_needs_a_layer():
     torch.manual_seed(0)
     model = torchvision.models.densenet121(weights=None, num_classes=3)
