@@ -8,8 +8,8 @@ Docs: https://fastai-cam.github.io/fastai_cam/callback.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from fastcore.basics import store_attr, getcallable, listify
-from fastai.callback.core import Callback, GatherPredsCallback
+from fastcore.basics import store_attr, getcallable
+from fastai.callback.core import GatherPredsCallback
 from fastai.callback.hook import HookCallback
 from .core import *
 from .methods import get_method, minmax, upsample
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['synth_image_dls', 'is_multilabel', 'learner_vocab', 'class_index', 'resolve_cls', 'predicted_targets', 'CAMResult',
-           'CAMCallback', 'n_hooks', 'GradCAMCallback']
+           'CAMCallback', 'GradCAMCallback']
 
 # %% ../nbs/02_callback.ipynb #f4a5a30d
 def synth_image_dls(n:int=48, # number of images; the last quarter is the validation set
@@ -217,13 +217,6 @@ class CAMCallback(HookCallback):
     def __setstate__(self, d):
         self.__dict__.update(d)
         self._hook,self.result,self.cam_acts,self.cam_inputs = None,None,None,None
-
-# %% ../nbs/02_callback.ipynb #89145113
-def n_hooks(model, # a PyTorch module
-           )->int:
-    "Number of forward, pre-forward and backward hooks registered on any module of `model`"
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) +
-               len(getattr(m, '_backward_pre_hooks', {})) for m in model.modules())
 
 # %% ../nbs/02_callback.ipynb #3722849c
 class GradCAMCallback(CAMCallback):

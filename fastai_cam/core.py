@@ -15,9 +15,9 @@ from torch import Tensor
 from .methods import *
 
 # %% auto #0
-__all__ = ['is_global_pool', 'LayerError', 'HeadSplit', 'split_head', 'find_layer', 'LayerOutputError', 'LayerHook', 'eval_mode',
-           'check_cls', 'resolve_targets', 'flat_head', 'run_head', 'cam_from_head', 'check_head', 'scorecam_scores',
-           'CAMOutput', 'check_cam_layer', 'prepare', 'finish_cams', 'compute_cams', 'cam_maps']
+__all__ = ['is_global_pool', 'LayerError', 'HeadSplit', 'split_head', 'find_layer', 'LayerOutputError', 'LayerHook', 'n_hooks',
+           'eval_mode', 'check_cls', 'resolve_targets', 'flat_head', 'run_head', 'cam_from_head', 'check_head',
+           'scorecam_scores', 'CAMOutput', 'check_cam_layer', 'prepare', 'finish_cams', 'compute_cams', 'cam_maps']
 
 # %% ../nbs/00_core.ipynb #6c5f950d
 _POOL_NAMES = {'AdaptiveConcatPool2d', 'SelectAdaptivePool2d', 'GlobalAvgPool2d', 'AdaptiveAvgPool2d',
@@ -70,7 +70,7 @@ def split_head(model:nn.Module, # the model, e.g. fastai's `Sequential(body, hea
     for cont,i in reversed(path):
         kids = list(cont.children())
         if layer is not None: head += kids[i+1:]; continue
-        head = kids[i:] if head is None else kids[i:]
+        head = kids[i:]
         feeders = [k for n,k in list(cont.named_children())[:i] if not _is_aux_head(n, k)]
         if feeders: layer = feeders[-1]
     if layer is None: raise LayerError("The global pooling is the first module of the model: nothing feeds it.")
@@ -108,7 +108,7 @@ class LayerHook:
                  name:str='', # the layer's name, for error messages
                 ):
         self.module,self.grad,self.name = module,grad,name
-        self.handle,self.acts,self.n_calls,self._grad_was = None,None,0,None
+        self.handle,self.acts,self.n_calls,self._grad_on = None,None,0,False
     def hook(self, m, inp, out):
         "The forward hook: keep `out` in `acts` (detached, or a tensor that requires grad) and pass a copy on"
         if LayerHook.paused: return
@@ -121,8 +121,7 @@ class LayerHook:
             self.acts = out.detach()
             return out.clone()          # in-place ops downstream cannot touch `acts`; a graph started upstream goes on
         if not torch.is_grad_enabled():  # only the hook that switched autograd on switches it back
-            if self._grad_was is None: self._grad_was = False
-            torch.set_grad_enabled(True)
+            torch.set_grad_enabled(True); self._grad_on = True
         # a fresh leaf, unless a hook on an inner layer already started autograd: then keep its graph going
         self.acts = out if out.requires_grad else out.detach().requires_grad_()
         return self.acts.clone()
@@ -131,15 +130,22 @@ class LayerHook:
         self.acts,self.n_calls = None,0
     def restore_grad_mode(self):
         "Switch autograd back to what it was before the hooked forward turned it on (call it where the forward ends)"
-        if self._grad_was is not None: torch.set_grad_enabled(self._grad_was); self._grad_was = None
+        if self._grad_on: torch.set_grad_enabled(False); self._grad_on = False
     def remove(self):
         "Remove the hook; forget (do not restore) the grad mode saved in a forward that did not finish"
         if self.handle is not None: self.handle.remove(); self.handle = None
-        self._grad_was = None
+        self._grad_on = False
     def __enter__(self):
         self.handle = self.module.register_forward_hook(self.hook)
         return self
     def __exit__(self, *args): self.restore_grad_mode(); self.remove()
+
+# %% ../nbs/00_core.ipynb #d08a03f7
+def n_hooks(model, # a PyTorch module
+           )->int:
+    "Number of forward, pre-forward and backward hooks registered on any module of `model`"
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) +
+               len(getattr(m, '_backward_pre_hooks', {})) for m in model.modules())
 
 # %% ../nbs/00_core.ipynb #6c507b99
 @contextmanager

@@ -8,6 +8,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/data.html.md"""
 from __future__ import annotations
 from functools import lru_cache
 import numpy as np
+from matplotlib.colors import hsv_to_rgb
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,11 +29,8 @@ def _digits():
     return (d.images/16.).astype(np.float32), d.target.astype(np.int64)
 
 def _hsv2rgb(h, s, v):
-    "Vectorised HSV -> RGB: arrays in [0,1] of the same shape, returns shape + (3,)"
-    i = np.floor(h*6).astype(int) % 6
-    f = h*6 - np.floor(h*6)
-    p,q,t = v*(1-s), v*(1-f*s), v*(1-(1-f)*s)
-    return np.stack([np.choose(i,[v,q,p,p,t,v]), np.choose(i,[t,v,v,q,p,p]), np.choose(i,[p,p,t,v,v,q])], -1)
+    "HSV arrays in [0,1] of the same shape to RGB, shape + (3,) (matplotlib's `hsv_to_rgb`)"
+    return hsv_to_rgb(np.stack([h, s, v], -1))
 
 def _t(a): return torch.as_tensor(np.asarray(a), dtype=torch.float32)
 

@@ -200,7 +200,7 @@ class _Explainer:
         try: self.wait()
         finally: self._pool.shutdown()
 
-    def error(self, f, ov, msg):
+    def error(self, f, msg):
         self.log(f"fastai-cam explain: cannot explain {f}: {msg}")
         self.rows.append(dict(file=str(f), overlay='', error=msg))   # no overlay was written
 
@@ -216,7 +216,7 @@ class _Explainer:
         "Explain `files` (already checked), writing the overlays named `ovs`"
         try: res = self._cam(files)
         except Exception as e:
-            if len(files) == 1: return self.error(files[0], ovs[0], f"{type(e).__name__}: {e}")
+            if len(files) == 1: return self.error(files[0], f"{type(e).__name__}: {e}")
             for f,ov in zip(files, ovs): self.run([f], [ov])   # find the file that spoils the batch
             return
         imgs = torch.as_tensor(self.learn.dls.decode((res.inputs,))[0]).cpu()
@@ -302,7 +302,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
             good = []
             for f,ov in todo[i:i+chunk]:
                 err = check_image(f)
-                if err: ex.error(f, ov, err)
+                if err: ex.error(f, err)
                 else: good.append((f, ov))
             if good: ex.run(*map(list, zip(*good)))
             if pb: pb.update(min(i + chunk, len(todo)))

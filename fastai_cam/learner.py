@@ -150,7 +150,6 @@ def show_cam(self:Learner,
              **kwargs # passed to `CAMResult.show` (ncols, figsize, axs, interpolation)
             ):
     "Draw class activation maps over the images: the last prediction, new items, or a loader's first items"
-    from fastai.data.load import DataLoader
     if dl is not None:
         b = first(dl.new(shuffle=False, bs=max_n, drop_last=False))
         n_inp = getattr(self.dls, 'n_inp', 1)

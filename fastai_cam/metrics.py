@@ -7,8 +7,8 @@ Docs: https://fastai-cam.github.io/fastai_cam/metrics.html.md"""
 # %% ../nbs/05_metrics.ipynb #7ac53da8
 from __future__ import annotations
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from .methods import minmax, upsample
 
 # %% auto #0
 __all__ = ['pointing_game', 'energy_pointing_game']
@@ -61,10 +61,8 @@ def energy_pointing_game(maps, # (n,H,W) maps at input size, or (n,h,w) raw maps
     n = len(maps)
     b = _as_boxes(boxes, n).to(maps.device)
     H,W = _size(size, maps)
-    if maps.shape[-2:] != (H,W): maps = F.interpolate(maps[:,None], size=(H,W), mode='bilinear', align_corners=False)[:,0]
-    lo = maps.flatten(1).min(1).values[:,None,None]
-    hi = maps.flatten(1).max(1).values[:,None,None]
-    e = (maps - lo) / (hi - lo).clamp_min(1e-12) * (hi > lo)   # min-max to [0,1]; a constant map has no energy
+    if maps.shape[-2:] != (H,W): maps = upsample(maps, (H,W))
+    e = minmax(maps)                                          # in [0,1]; a constant map has no energy
     ys = torch.arange(H, device=maps.device)[None,:,None] + 0.5
     xs = torch.arange(W, device=maps.device)[None,None,:] + 0.5
     inside = (xs >= b[:,0,None,None]) & (xs < b[:,2,None,None]) & (ys >= b[:,1,None,None]) & (ys < b[:,3,None,None])

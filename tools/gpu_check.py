@@ -1,13 +1,15 @@
 """GPU check: every method on CUDA in float32, float16 + channels_last and autocast; a fastai learner with `to_fp16()`;
 `fastai-cam explain --device cuda`; memory and hooks after a loop; side-by-side timings. Prints one line per check and
 exits 1 if any check fails. `python tools/gpu_check.py [--out DIR]` (needs a CUDA device; a few minutes at most)."""
-import argparse, statistics, sys, tempfile, time, traceback
+import argparse, sys, tempfile, traceback
 from pathlib import Path
-import numpy as np, torch, torchvision
+import torch, torchvision
 import matplotlib; matplotlib.use('Agg')
 from fastai_cam.all import *
 from fastai_cam.methods import METHODS, minmax
 from fastai_cam.callback import n_hooks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'benchmarks'))
+from _common import interleaved, med, run_impl, peers_of
 
 FAILED = []
 DEV = 'cuda'   # --dry-run: 'cpu', a quick rehearsal of the logic (no Score-CAM, no timings)
@@ -124,13 +126,9 @@ def fastai_learner_fp16(out):
     check("fastai-cam explain --device cuda", rc == 0 and n == 20, f"rc {rc}, {n} overlays")
 
 def bench(fns, reps=20, warmup=3):
-    ts = {k: [] for k in fns}
-    for _ in range(warmup):
-        for f in fns.values(): f()
-    for _ in range(reps):
-        for k, f in fns.items():
-            torch.cuda.synchronize(); t = time.perf_counter(); f(); torch.cuda.synchronize(); ts[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    "Median seconds per call of each function, interleaved as in benchmarks/, each call ending in a CUDA sync"
+    synced = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
+    return {k: med(v) for k, v in interleaved(synced, reps, warmup).items()}
 
 @guarded
 def timings():
@@ -159,8 +157,6 @@ def timings():
 @guarded
 def peers_gpu():
     "Ours vs pytorch-grad-cam, torchcam, captum end to end (maps at input size in [0,1]) on CUDA, float32, interleaved"
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'benchmarks'))
-    from _common import run_impl, peers_of
     model = torchvision.models.resnet50(weights=None).cuda().eval()
     x = torch.randn(16, 3, 224, 224, device='cuda'); cls = list(range(16))
     print("resnet50 224px float32 on CUDA, end to end; median ms; ours/peer (< 1: ours faster); max |ours - peer|:")
