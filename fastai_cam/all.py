@@ -8,8 +8,10 @@ Docs: https://fastai-cam.github.io/fastai_cam/all.html.md"""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #20203532
-from . import methods, core, callback, learner, interpret, metrics, data
+from . import methods, layouts, targets, core, callback, learner, interpret, metrics, data
 from .methods import *
+from .layouts import *
+from .targets import *
 from .core import *
 from .callback import *
 from .learner import *
@@ -18,4 +20,4 @@ from .metrics import *
 from .data import *
 
 # %% ../nbs/99_all.ipynb #538f6b5f
-__all__ = [n for m in (methods, core, callback, learner, interpret, metrics, data) for n in m.__all__]
+__all__ = [n for m in (methods, layouts, targets, core, callback, learner, interpret, metrics, data) for n in m.__all__]

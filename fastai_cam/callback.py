@@ -13,6 +13,7 @@ from fastai.callback.core import GatherPredsCallback
 from fastai.callback.hook import HookCallback
 from .core import *
 from .methods import get_method, minmax, upsample
+from .targets import takes_items
 from dataclasses import dataclass
 
 # %% auto #0
@@ -97,13 +98,13 @@ def predicted_targets(learn, # a fastai `Learner`
 # %% ../nbs/02_callback.ipynb #97364a08
 @dataclass
 class CAMResult:
-    "Class activation maps of some items: raw maps (N,h,w) for `(items, classes)` pairs, predictions, and what is needed to show them"
-    raw:Tensor            # (N,h,w) raw maps, one per (item, class) pair
+    "Class activation maps of some items: raw maps (N,*grid) for `(items, classes)` pairs, predictions, and what is needed to show them"
+    raw:Tensor            # (N,*grid) raw maps, one per (item, class) pair: (N,h,w), (N,L) or (N,d,h,w)
     items:Tensor          # (N,) index of the item of each map
-    classes:Tensor        # (N,) class explained by each map
-    probs:Tensor          # (N,) probability of that class
+    classes:Tensor        # (N,) class explained by each map (the column of the target's scores)
+    probs:Tensor          # (N,) probability of that class (with a `target`: the target's score)
     preds:Tensor          # (n,C) activated predictions of each item
-    size:tuple            # (H,W) input size
+    size:tuple            # input size: (H,W), (L,) or (D,H,W)
     method:str            # name of the CAM method (a key of `METHODS`)
     layer:str             # dotted name of the target layer in the model
     vocab:list|None=None  # labels of the classes, when the learner has a vocab
@@ -114,7 +115,7 @@ class CAMResult:
     @property
     def maps(self)->Tensor:
         "Maps at input size, each min-max normalised to [0,1] (computed on demand from `raw`)"
-        return minmax(upsample(self.raw.float(), self.size))
+        return minmax(upsample(self.raw.float(), self.size), dims=len(self.size))
     @property
     def labels(self)->list:
         "The explained class of each map, as a vocab label when there is a vocab"
@@ -140,10 +141,12 @@ class CAMCallback(HookCallback):
                  keep_inputs:bool=True, # cache the last batch's input (for `show_cam`)
                  gather_inputs:bool=False, # keep the inputs of every batch in the result (on the CPU)
                  maps_dtype=torch.float32, # dtype of the gathered raw maps (float16 halves memory over a big dl)
+                 target=None, # what to explain instead of a class: `f(out)` or `f(out, items=None)` -> (B,) or (B,T) scores
+                 reshape=None, # a function from the layer's output to (B,K,*grid), for layouts not recognised
                 ):
         super().__init__(modules=None, remove_end=True, is_forward=True, detach=True, cpu=False)
         get_method(method)
-        store_attr('method,layer,cls,batch_size,keep_inputs,gather_inputs,maps_dtype')
+        store_attr('method,layer,cls,batch_size,keep_inputs,gather_inputs,maps_dtype,target,reshape')
         self._hook,self.result,self.cam_acts,self.cam_inputs = None,None,None,None
 
     @property
@@ -153,9 +156,11 @@ class CAMCallback(HookCallback):
     def before_fit(self): self._remove()          # inert in fit: HookCallback's hooks on every module are not wanted
     def before_validate(self):
         if not self._predicting(): return
-        self._meth,self._lname,mod,self._head = prepare(self.learn.model, self.method, self.layer)
-        self._cls = resolve_cls(self.learn, self.cls)
-        if self._cls is None: self._cls = predicted_targets(self.learn)
+        self._meth,self._lname,mod,self._head = prepare(self.learn.model, self.method, self.layer, self.target)
+        if self.target is None:
+            self._cls = resolve_cls(self.learn, self.cls)
+            if self._cls is None: self._cls = predicted_targets(self.learn)
+        else: self._cls = self.cls          # columns of the target's scores
         self._acc,self._preds,self._targs,self._inps,self._n = [],[],[],[],0
         self._hook = LayerHook(mod, grad=self._meth.needs_grad, name=self._lname).__enter__()
 
@@ -167,6 +172,13 @@ class CAMCallback(HookCallback):
         if isinstance(c, list): return c[self._n:self._n+bs]
         return c
 
+    def _batch_target(self, bs):
+        "The target, told the item's index in the whole loader when it takes `items`"
+        t,n = self.target,self._n
+        if t is None or not takes_items(t): return t
+        dev = self.learn.xb[0].device
+        return lambda out, items=None: t(out, items=(torch.arange(bs, device=dev) if items is None else items) + n)
+
     def after_pred(self):
         if self._hook is None: return
         xb,pred = self.learn.xb, self.learn.pred
@@ -175,18 +187,20 @@ class CAMCallback(HookCallback):
         last,done = cams[-1] is self, False
         try:
             out = finish_cams(self._meth, self._hook, pred, self._batch_cls(len(xb[0])), self._head, self.learn.model,
-                              xb[0], self._lname, self.batch_size, retain_graph=not last)
+                              xb[0], self._lname, self.batch_size, retain_graph=not last,
+                              target=self._batch_target(len(xb[0])), reshape=self.reshape)
             done = True
         finally:
             self._hook.restore_grad_mode()
             if last or not done: self.learn.pred = pred.detach() if isinstance(pred, Tensor) else pred
             self._hook.reset()
         probs = getcallable(self.learn.loss_func, 'activation')(out.logits.float())
-        self._acc.append((out.maps.to(self.maps_dtype), out.items + self._n, out.classes, probs[out.items, out.classes]))
+        expl = probs[out.items, out.classes] if self.target is None else out.scores
+        self._acc.append((out.maps.to(self.maps_dtype), out.items + self._n, out.classes, expl))
         self._preds.append(probs)
         if len(self.learn.yb): self._targs.append(self.learn.yb[0].detach())
         if self.gather_inputs: self._inps.append(xb[0].detach().cpu())
-        self._size = tuple(xb[0].shape[-2:])
+        self._size = tuple(xb[0].shape[2:])
         self.cam_acts = out.acts
         if self.keep_inputs: self.cam_inputs = xb[0].detach()
         self._n += len(xb[0])

@@ -6,22 +6,26 @@ Docs: https://fastai-cam.github.io/fastai_cam/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #d5f6dc1a
 from __future__ import annotations
-import difflib, numbers
+import difflib, numbers, math, threading, contextvars, copy
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .methods import *
+from .layouts import *
+from .targets import *
 
 # %% auto #0
-__all__ = ['is_global_pool', 'LayerError', 'HeadSplit', 'split_head', 'find_layer', 'LayerOutputError', 'LayerHook', 'n_hooks',
-           'eval_mode', 'check_cls', 'resolve_targets', 'flat_head', 'run_head', 'cam_from_head', 'check_head',
-           'scorecam_scores', 'CAMOutput', 'check_cam_layer', 'prepare', 'finish_cams', 'compute_cams', 'cam_maps']
+__all__ = ['is_global_pool', 'HeadSplit', 'split_head', 'auto_layer', 'find_layer', 'hooks_paused', 'LayerHook', 'n_hooks',
+           'eval_mode', 'flat_head', 'run_head', 'cam_from_head', 'check_head', 'scorecam_scores', 'CAMOutput',
+           'check_cam_layer', 'prepare', 'finish_cams', 'compute_cams', 'cam_maps']
 
 # %% ../nbs/00_core.ipynb #6c5f950d
-_POOL_NAMES = {'AdaptiveConcatPool2d', 'SelectAdaptivePool2d', 'GlobalAvgPool2d', 'AdaptiveAvgPool2d',
-               'AdaptiveMaxPool2d', 'GlobalPool2d'}
+_POOL_NAMES = {'AdaptiveConcatPool2d', 'AdaptiveConcatPool1d', 'SelectAdaptivePool2d', 'GlobalAvgPool2d', 'GlobalPool2d',
+               'AdaptiveAvgPool1d', 'AdaptiveAvgPool2d', 'AdaptiveAvgPool3d', 'AdaptiveMaxPool1d', 'AdaptiveMaxPool2d',
+               'AdaptiveMaxPool3d'}
 
 def _is_one(sz):
     if sz is None: return False
@@ -30,7 +34,7 @@ def _is_one(sz):
 
 def is_global_pool(m:nn.Module, # any module
                   )->bool:
-    "Whether `m` pools a `(B,K,h,w)` map to a single location (torch's, fastai's and timm's pooling layers)"
+    "Whether `m` pools a `(B,K,*grid)` map (1-D, 2-D or 3-D) to a single location (torch's, fastai's and timm's pooling layers)"
     name = type(m).__name__
     if name not in _POOL_NAMES: return False
     if name in ('SelectAdaptivePool2d','GlobalAvgPool2d','GlobalPool2d'): return True
@@ -45,9 +49,6 @@ def _pool_path(m:nn.Module):
     return None
 
 # %% ../nbs/00_core.ipynb #f543a102
-class LayerError(ValueError):
-    "A layer that does not exist or cannot be used for the method asked"
-
 @dataclass
 class HeadSplit:
     "The layer that feeds the global pooling and the modules that follow it (the head)"
@@ -76,12 +77,36 @@ def split_head(model:nn.Module, # the model, e.g. fastai's `Sequential(body, hea
     if layer is None: raise LayerError("The global pooling is the first module of the model: nothing feeds it.")
     return HeadSplit(layer, head)
 
+# %% ../nbs/00_core.ipynb #7d43caee
+def _token_layer(model:nn.Module)->nn.Module|None:
+    "The layer of a timm or torchvision vision transformer inside `model`, or None"
+    for m in model.modules():
+        blocks = getattr(m, 'blocks', None)
+        if hasattr(m, 'num_prefix_tokens') and isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):   # timm
+            last = blocks[-1]
+            cls_pool = getattr(m, 'global_pool', 'token') == 'token' and m.num_prefix_tokens > 0
+            return last.norm1 if cls_pool and hasattr(last, 'norm1') else last
+        layers = getattr(getattr(m, 'encoder', None), 'layers', None)
+        if hasattr(m, 'class_token') and isinstance(layers, (nn.Sequential, nn.ModuleList)) and len(layers):      # torchvision
+            return getattr(layers[-1], 'ln_1', layers[-1])
+    return None
+
+def auto_layer(model:nn.Module, # the model
+              )->nn.Module:
+    "The layer to explain when none is given: the one feeding the global pooling; in a vision transformer, the last block's attention input (class token) or output (average pooling)"
+    try: return split_head(model).layer
+    except LayerError as e: err = e
+    if (m := _token_layer(model)) is not None: return m
+    raise LayerError(f"Could not find the layer automatically: {type(model).__name__} has no global pooling layer and "
+                     f"no vision transformer blocks. Pass `layer=` (a module or its dotted name) and use a gradient "
+                     f"method such as method='gradcam'. ({err})")
+
 # %% ../nbs/00_core.ipynb #1eb4c912
 def find_layer(model:nn.Module, # the model
                layer:nn.Module|str|None=None # a module of `model`, its dotted name, or None for the one feeding the pooling
               )->tuple: # (name, module)
     "Resolve `layer` to `(name, module)`; an unknown name is an error that lists close names"
-    if layer is None: layer = split_head(model).layer
+    if layer is None: layer = auto_layer(model)
     if isinstance(layer, nn.Module):
         for n,m in model.named_modules():
             if m is layer: return n, m
@@ -96,26 +121,30 @@ def find_layer(model:nn.Module, # the model
     raise LayerError(f"`layer` must be a module, a name or None, not {type(layer).__name__}")
 
 # %% ../nbs/00_core.ipynb #84e3f477
-class LayerOutputError(LayerError):
-    "The hooked layer's output is not a (B,K,h,w) tensor"
+_paused = contextvars.ContextVar('fastai_cam_hooks_paused', default=False)
+
+@contextmanager
+def hooks_paused():
+    "Every `LayerHook` stands aside for the forward passes run in this block, in this thread only (Score-CAM's masked passes)"
+    token = _paused.set(True)
+    try: yield
+    finally: _paused.reset(token)
 
 class LayerHook:
-    "Context manager: a forward hook on `module` that keeps its output and, if `grad`, starts autograd there"
-    paused:bool = False   # set during Score-CAM's masked forward passes: every hook stands aside
+    "Context manager: a forward hook on `module` that keeps its output and, if `grad`, starts autograd there (for the entering thread only)"
     def __init__(self,
                  module:nn.Module, # the layer to hook
                  grad:bool=False, # make the output a leaf that requires grad, and switch autograd on from there
                  name:str='', # the layer's name, for error messages
                 ):
         self.module,self.grad,self.name = module,grad,name
-        self.handle,self.acts,self.n_calls,self._grad_on = None,None,0,False
+        self.handle,self.acts,self.n_calls,self._grad_on,self._owner = None,None,0,False,None
     def hook(self, m, inp, out):
         "The forward hook: keep `out` in `acts` (detached, or a tensor that requires grad) and pass a copy on"
-        if LayerHook.paused: return
-        if not isinstance(out, Tensor) or out.ndim != 4:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise LayerOutputError(f"Layer {self.name or type(m).__name__!r} outputs {shape}, not a (B,K,h,w) "
-                                   "feature map: choose a convolutional layer (e.g. the body or one of its stages).")
+        if threading.get_ident() != self._owner or _paused.get(): return   # another caller's forward, or a masked pass
+        if not isinstance(out, Tensor):
+            raise LayerOutputError(f"Layer {self.name or type(m).__name__!r} outputs a {type(out).__name__}, not a tensor: "
+                                   "choose another layer (e.g. the body, one of its stages or one of its blocks).")
         self.n_calls += 1
         if not self.grad:
             self.acts = out.detach()
@@ -136,6 +165,7 @@ class LayerHook:
         if self.handle is not None: self.handle.remove(); self.handle = None
         self._grad_on = False
     def __enter__(self):
+        self._owner = threading.get_ident()
         self.handle = self.module.register_forward_hook(self.hook)
         return self
     def __exit__(self, *args): self.restore_grad_mode(); self.remove()
@@ -148,53 +178,26 @@ def n_hooks(model, # a PyTorch module
                len(getattr(m, '_backward_pre_hooks', {})) for m in model.modules())
 
 # %% ../nbs/00_core.ipynb #6c507b99
+_eval_lock = threading.Lock()
+_eval_users = {}   # id(model) -> [calls inside, the modules they switched to eval]
+
 @contextmanager
 def eval_mode(model:nn.Module, # the model (or any module) to switch to eval mode for the block
              ):
-    "Put `model` in eval mode, then restore every module's own `training` flag (nothing to do for a model in eval)"
-    was = [m for m in model.modules() if m.training]
-    for m in was: m.training = False
+    "Put `model` in eval mode, then restore every module's own `training` flag (nothing to do for a model in eval); thread-safe"
+    with _eval_lock:
+        use = _eval_users.get(id(model))
+        if use is None:
+            use = _eval_users[id(model)] = [0, [m for m in model.modules() if m.training]]
+            for m in use[1]: m.training = False
+        use[0] += 1
     try: yield model
     finally:
-        for m in was: m.training = True
-
-# %% ../nbs/00_core.ipynb #038abda6
-def check_cls(cls, # the class choice: None, an int, a callable, or one class (or list of classes) per item
-              n:int, # the number of items in the batch
-             ):
-    "Raise unless `cls` is None, an int, a callable, or one class (or list of classes) for each of the `n` items"
-    if cls is None or isinstance(cls, numbers.Integral) or (callable(cls) and not isinstance(cls, Tensor)): return
-    if isinstance(cls, Tensor) and cls.ndim == 0: return
-    if isinstance(cls, str):
-        raise ValueError(f"Class {cls!r} is a label: here classes are indices (labels work through `learn.cam`).")
-    if len(cls) != n:
-        raise ValueError(f"Got {len(cls)} classes for a batch of {n} items: give one class (or a list of classes) "
-                         "per item, a single int for all, or None for the predicted class.")
-
-# %% ../nbs/00_core.ipynb #627729cd
-def resolve_targets(cls, # None, an int, one class per item, a list of lists, or `f(logits) -> (items, classes)`
-                    logits:Tensor, # the model's output (B,C)
-                   )->tuple: # (items, classes), two long tensors of the same length N: one map each
-    "Turn a class choice into `(items, classes)` index tensors on the logits' device (one map per pair)"
-    B,C = logits.shape[0], logits.shape[-1]
-    dev = logits.device
-    check_cls(cls, B)
-    if callable(cls) and not isinstance(cls, Tensor): items,classes = cls(logits)
-    elif cls is None:
-        items,classes = torch.arange(B, device=dev), logits.argmax(-1)
-    elif isinstance(cls, numbers.Integral) or (isinstance(cls, Tensor) and cls.ndim == 0):
-        items,classes = torch.arange(B, device=dev), torch.full((B,), int(cls), device=dev)
-    else:
-        cls = list(cls) if not isinstance(cls, Tensor) else cls.tolist()
-        if any(isinstance(c, (list,tuple)) for c in cls):
-            pairs = [(i,int(c)) for i,cs in enumerate(cls) for c in (cs if isinstance(cs,(list,tuple)) else [cs])]
-            items,classes = (torch.tensor([p[j] for p in pairs], device=dev, dtype=torch.long) for j in (0,1))
-        else: items,classes = torch.arange(B, device=dev), torch.tensor([int(c) for c in cls], device=dev)
-    items,classes = torch.as_tensor(items, device=dev).long(), torch.as_tensor(classes, device=dev).long()
-    if len(classes) and (classes.min() < 0 or classes.max() >= C):
-        raise IndexError(f"Class index {classes.max().item() if classes.max() >= C else classes.min().item()} is out "
-                         f"of range: the model has {C} outputs (0..{C-1}).")
-    return items, classes
+        with _eval_lock:
+            use[0] -= 1
+            if use[0] == 0:
+                del _eval_users[id(model)]
+                for m in use[1]: m.training = True
 
 # %% ../nbs/00_core.ipynb #3434bb0e
 def _plain_seq(m): return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
@@ -206,99 +209,115 @@ def flat_head(head:Sequence[nn.Module], # the head modules, e.g. `split_head(mod
 
 # %% ../nbs/00_core.ipynb #8daf20bf
 def run_head(head:Sequence[nn.Module], # the head modules, run in order
-             x:Tensor, # the layer's output (B,K,h,w), or one location per row (B*h*w,K,1,1)
+             x:Tensor, # the layer's output (B,K,*grid), or one location per row (B*P,K,1,...)
             )->Tensor:
-    "Apply the head modules in order, flattening a 4D tensor before a `Linear`/`BatchNorm1d` (also inside a `Sequential`)"
+    "Apply the head modules in order, flattening a map before a `Linear`/`BatchNorm1d` (also inside a `Sequential`)"
     for m in flat_head(head):
         if x.ndim > 2 and isinstance(m, (nn.Linear, nn.BatchNorm1d)): x = x.flatten(1)
         x = m(x)
     return x
 
-def _head_logits(out): return out[0] if isinstance(out, (tuple,list)) else out
-
 # %% ../nbs/00_core.ipynb #d9ce45ea
 def cam_from_head(head:Sequence[nn.Module], # the modules after the layer, e.g. `split_head(model).head`
-                  A:Tensor, # the layer's activations (B,K,h,w)
+                  A:Tensor, # the layer's output, in its own layout: (B,K,*grid) channels first, or channels last
                   items:Tensor, # item of each map (N,)
                   classes:Tensor, # class of each map (N,)
-                 )->Tensor: # the maps (N,h,w)
-    "CAM maps `head_c(a_ij) - head_c(0)` for each `(item, class)` pair, shape (N,h,w)"
-    B,K,h,w = A.shape
-    x = A.permute(0,2,3,1).reshape(B*h*w, K, 1, 1)
-    z = torch.zeros(1, K, 1, 1, dtype=A.dtype, device=A.device)
+                  layout:Layout|None=None, # the layout of `A` (None: channels first)
+                 )->Tensor: # the maps (N,*grid)
+    "CAM maps `head_c(a_ij) - head_c(0)` for each `(item, class)` pair, shape (N,*grid)"
+    layout = layout or Layout.first(A)
+    Af = layout(A)                                                     # (B,K,*grid)
+    B,K,grid = Af.shape[0], Af.shape[1], tuple(Af.shape[2:])
+    P = math.prod(grid)
+    v = Af.flatten(2).transpose(1,2).reshape(B*P, K)
+    x = layout.locations(torch.cat([v, v.new_zeros(1, K)]))            # every location, then an all-zero one
     head = flat_head(head)
     with eval_mode(nn.ModuleList(head)), torch.no_grad():
         last = head[-1] if head else None
         if isinstance(last, nn.Linear):
-            hid = run_head(head[:-1], torch.cat([x, z])).flatten(1).float()
-            hid,hid0 = hid[:-1].view(B, h*w, -1), hid[-1]
+            hid = run_head(head[:-1], x).flatten(1).float()
+            hid,hid0 = hid[:-1].view(B, P, -1), hid[-1]
             W = last.weight.float()[classes]                          # (N, D)
-            return torch.einsum('npd,nd->np', hid[items] - hid0, W).view(-1, h, w)
-        out = run_head(head, torch.cat([x, z])).float().flatten(1)
-        out = (out[:-1] - out[-1:]).view(B, h*w, -1)
-        return out[items, :, classes].view(-1, h, w)
+            return torch.einsum('npd,nd->np', hid[items] - hid0, W).view(-1, *grid)
+        out = run_head(head, x).float().flatten(1)
+        out = (out[:-1] - out[-1:]).view(B, P, -1)
+        return out[items, :, classes].view(-1, *grid)
 
 # %% ../nbs/00_core.ipynb #e224e78b
 def check_head(head:Sequence[nn.Module], # the modules after the layer, e.g. `split_head(model).head`
-               A:Tensor, # the layer's activations (B,K,h,w) from the forward that gave `logits`
-               logits:Tensor, # the model's output of that forward (B,C)
+               A:Tensor, # the layer's output from the forward that gave `logits`, in its own layout
+               logits:Tensor, # the model's class logits of that forward (B,C)
                layer_name:str='', # the layer's name, for the error message
               ):
     "Raise if running `head` on `A` does not give `logits` (the model's forward is not `head(layer(...))`)"
-    with eval_mode(nn.ModuleList(list(head))), torch.no_grad(): out = _head_logits(run_head(head, A))
-    if out.ndim == 4 and out.shape[-2:] == (1,1): out = out.flatten(1)     # e.g. squeezenet: pooling is the last module
+    with eval_mode(nn.ModuleList(list(head))), torch.no_grad(): out = model_output(run_head(head, A))
+    if out.ndim > 2 and all(s == 1 for s in out.shape[2:]): out = out.flatten(1)   # e.g. squeezenet: pooling is the last module
     tol = 2e-2 if A.dtype in (torch.float16, torch.bfloat16) else 1e-3   # half precision (mixed-precision predict)
     if out.shape != logits.shape or not torch.allclose(out.float(), logits.float(), rtol=tol, atol=tol*(1+logits.abs().max().item())):
         raise LayerError(f"The modules after {layer_name!r} do not reproduce the model's output, so CAM cannot be "
                          "computed exactly from the head: use a gradient method such as method='gradcam'.")
 
 # %% ../nbs/00_core.ipynb #c6e938ed
+def _map_tensors(f:Callable, o):
+    "Apply `f` to every tensor of a model's output (a tensor, tuple, list or dict, nested)"
+    if isinstance(o, Tensor): return f(o)
+    if isinstance(o, (tuple, list)) and not hasattr(o, '_fields'): return type(o)(_map_tensors(f, v) for v in o)
+    if isinstance(o, Mapping):
+        c = copy.copy(o)
+        for k,v in o.items(): c[k] = _map_tensors(f, v)
+        return c
+    return o
+
 def scorecam_scores(model:nn.Module, # the model, hook inactive
-                    x:Tensor, # the input batch (B,C,H,W)
-                    A:Tensor, # the layer's activations (B,K,h,w)
+                    x:Tensor, # the input batch (B,C,*size)
+                    A:Tensor, # the layer's activations (B,K,*grid)
                     items:Tensor, # item of each target (N,)
-                    classes:Tensor, # class of each target (N,)
+                    classes:Tensor, # class (or column of `target`'s scores) of each target (N,)
                     batch_size:int=32, # masked inputs per forward pass
                     pbar:Callable|None=None, # wraps the range of batches, e.g. `fastprogress.progress_bar`
                     channels_last:bool|None=None, # masked inputs in `channels_last`; None: on the CPU from 96x96 pixels
-                   )->Tensor: # target logits (N,K)
-    "Target logit of each input masked by each upsampled, min-max normalised channel of `A`: (N,K)"
+                    target:Callable|None=None, # scores of the model's output, as for `select`; None: the class logits
+                   )->Tensor: # target scores (N,K)
+    "Target score of each input masked by each upsampled, min-max normalised channel of `A`: (N,K)"
+    target = target or class_logits
     N,K = len(items), A.shape[1]
-    H,W = x.shape[-2:]
+    size = tuple(x.shape[2:])
     flat = A.flatten(2)[items]
     live = flat.amax(-1) > flat.amin(-1)                          # (N,K); a constant channel's mask is all zeros
     pi,ki = live.nonzero(as_tuple=True)                           # the pairs that need their own masked forward
     scores = torch.empty(N, K, device=A.device)
-    if channels_last is None: channels_last = x.device.type == 'cpu' and H*W >= 96*96
+    if channels_last is None: channels_last = x.device.type == 'cpu' and x.ndim == 4 and math.prod(size) >= 96*96
     nhwc = channels_last and x.ndim == 4
     def fwd(inp):
         nonlocal nhwc
         if nhwc:
-            try: return _head_logits(model(inp.contiguous(memory_format=torch.channels_last)))
+            try: return model(inp.contiguous(memory_format=torch.channels_last))
             except RuntimeError: nhwc = False                     # e.g. a model that .view()s a 4-d tensor
-        return _head_logits(model(inp))
-    with torch.no_grad():
+        return model(inp)
+    def score(out, p): return target_scores(target, out, items[p])[torch.arange(len(p), device=A.device), classes[p]].float()
+    with torch.no_grad(), hooks_paused():                         # the masked passes are not predictions: no hook acts
         if not bool(live.all()):
-            zero = fwd(torch.zeros_like(x[:1]))[0].float()
-            dead = ~live
-            scores[dead] = zero[classes[:,None].expand(N,K)[dead]]
+            pd = (~live).any(1).nonzero().squeeze(1)              # targets with a constant channel: one zero image for all
+            one = lambda t: t.expand(len(pd), *t.shape[1:]) if t.ndim and len(t) == 1 else t
+            scores[pd] = score(_map_tensors(one, fwd(torch.zeros_like(x[:1]))), pd)[:,None].expand(-1, K)
         rng = range(0, len(pi), batch_size)
         for s in (pbar(rng) if pbar else rng):
             p,k = pi[s:s+batch_size], ki[s:s+batch_size]
-            masks = scorecam_masks(A[items[p], k][:,None], (H,W)).to(x.dtype)    # (b,1,H,W)
-            out = fwd(x[items[p]] * masks)
-            scores[p,k] = out[torch.arange(len(p), device=out.device), classes[p]].float()
+            masks = scorecam_masks(A[items[p], k][:,None], size).to(x.dtype)    # (b,1,*size)
+            scores[p,k] = score(fwd(x[items[p]] * masks), p)
     return scores
 
 # %% ../nbs/00_core.ipynb #74c461c2
 @dataclass
 class CAMOutput:
-    "Raw maps (N,h,w) for the `(items, classes)` pairs, with the model's logits of the forward pass"
-    maps:Tensor # the raw maps (N,h,w), float32, one per `(item, class)` pair
-    logits:Tensor # the model's output (B,C) of the forward pass, detached
+    "Raw maps (N,*grid) for the `(items, classes)` pairs, with the model's output of the forward pass"
+    maps:Tensor # the raw maps (N,*grid), float32, one per `(item, class)` pair
+    logits:Tensor|None # the model's output (B,C) of the forward pass (`model_output` of it), detached
     items:Tensor # the item of each map (N,)
-    classes:Tensor # the class of each map (N,)
-    acts:Tensor|None=None # the layer's activations (B,K,h,w), when asked for
+    classes:Tensor # the class (the column of the target's scores) of each map (N,)
+    acts:Tensor|None=None # the layer's activations as (B,K,*grid), when asked for
+    scores:Tensor|None=None # the explained score of each map (N,): the class logit, or the target's value
+    layout:Layout|None=None # how the layer's output was read
 
 # %% ../nbs/00_core.ipynb #2a503c97
 def check_cam_layer(model:nn.Module, # the model
@@ -316,23 +335,29 @@ def check_cam_layer(model:nn.Module, # the model
     return split
 
 # %% ../nbs/00_core.ipynb #dc50c7dc
+def _in_head(model, mod)->bool:
+    "Whether `mod` comes after the global pooling (in the head), where there is no feature map"
+    try: head = split_head(model).head
+    except LayerError: return False
+    return any(mod is m for h in head for m in h.modules())
+
 def prepare(model:nn.Module, # the model
             method:str='cam', # a name from `METHODS`
-            layer=None, # a module, a dotted name, or None (the layer feeding the pooling head)
+            layer=None, # a module, a dotted name, or None (`auto_layer`)
+            target:Callable|None=None, # a target, when one is given (CAM explains class logits only)
            )->tuple: # (method, layer name, layer module, CAM's head or None)
     "Resolve method and layer with clear errors before any forward pass: (Method, name, module, head or None)"
     meth = get_method(method)
     if meth.name == 'cam':
+        if target is not None:
+            raise ValueError("CAM reads class scores through the pooling head: to explain a `target`, use a gradient "
+                             "method (e.g. method='gradcam', 'layercam') or 'scorecam'.")
         name,mod = find_layer(model, layer)
         return meth, name, mod, check_cam_layer(model, mod, name).head
-    if layer is None:
-        try: layer = split_head(model).layer
-        except LayerError as e:
-            raise LayerError(f"Could not find the layer automatically ({e}). Pass `layer=`.") from None
     name,mod = find_layer(model, layer)
-    if isinstance(mod, (nn.Linear, nn.Flatten, nn.BatchNorm1d, nn.Conv1d, nn.Embedding, nn.Dropout1d)):
-        raise LayerOutputError(f"Layer {name!r} is a {type(mod).__name__}: it has no (B,K,h,w) feature map. "
-                               "Choose a convolutional layer (e.g. the body or one of its stages).")
+    if _in_head(model, mod) or isinstance(mod, nn.Flatten):
+        raise LayerOutputError(f"Layer {name!r} ({type(mod).__name__}) comes after the global pooling: it has no feature "
+                               "map. Choose a convolutional or transformer layer (e.g. the body or one of its stages).")
     return meth, name, mod, None
 
 # %% ../nbs/00_core.ipynb #d8cb7c87
@@ -349,83 +374,90 @@ def _rounds(items:Tensor)->list:
     rank = torch.empty_like(order); rank[order] = idx - first_pos
     return [(rank == r).nonzero().squeeze(1) for r in range(int(rank.max().item()) + 1)]
 
-def _grads(logits, leaf, items, classes, name, retain_graph=False):
-    "dS/dA for each (item, class) pair, one backward per round of distinct items; (N,K,h,w)"
+def _grads(table, leaf, items, cols, name, retain_graph=False):
+    "dS/dA for each (item, column) pair of the score `table`, one backward per round of distinct items; (N,*leaf.shape[1:])"
     rounds = _rounds(items)
     G = torch.empty((len(items),) + tuple(leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device)
     if torch.is_inference_mode_enabled() or leaf.is_inference():
         raise RuntimeError("Gradient methods cannot run under torch.inference_mode(): use torch.no_grad() (or a "
                            "gradient-free method: 'cam', 'scorecam', 'eigencam').")
     unused = LayerError(f"The model's output does not depend on layer {name!r}: choose a layer on the path to the output.")
-    if not logits.requires_grad: raise unused
+    if not table.requires_grad: raise unused
     for r,sel in enumerate(rounds):
-        with torch.enable_grad(): score = logits[items[sel], classes[sel]].sum()
+        with torch.enable_grad(): score = table[items[sel], cols[sel]].sum()
         g, = torch.autograd.grad(score, leaf, retain_graph=retain_graph or r < len(rounds)-1, allow_unused=True)
         if g is None: raise unused
         G[sel] = g[items[sel]]
     return G
 
+def _main_output(out):
+    try: return model_output(out).detach()
+    except TypeError: return None            # a dict output explained through a `target`
+
 def finish_cams(meth:Method, # the method, from `prepare`
                 hook:LayerHook, # the hook that saw the forward pass
-                logits:Tensor, # the forward's output (or a tuple whose first element is the logits)
-                cls, # None (predicted), an int, one per item, a list of lists, or `f(logits)->(items,classes)`
+                out, # the forward's output: logits, a tuple, a dict, a `ModelOutput`
+                cls=None, # columns of the score table: None (predicted class / every column of a target), an int, one per item, ...
                 head=None, # CAM: the head from `prepare`
-                model=None, # Score-CAM: the model, for the masked forward passes
-                x=None, # Score-CAM: the input batch (B,C,H,W)
+                model=None, # the model: its layout (patch grid, prefix tokens) and Score-CAM's masked forward passes
+                x=None, # the input batch (B,C,*size): the layout's grid, Score-CAM's masks
                 name='', # the layer's name, for error messages
                 batch_size:int=32, # Score-CAM: masked inputs per forward pass
                 pbar=None, # Score-CAM: wraps the range of batches, e.g. `fastprogress.progress_bar`
                 retain_graph:bool=False, # keep the graph after the backward passes (another callback still needs it)
+                target:Callable|None=None, # `f(out)` or `f(out, items=None)` -> (B,) or (B,T) scores; None: class logits
+                reshape:Callable|None=None, # a function from the layer's output to (B,K,*grid), for layouts not recognised
                )->CAMOutput:
-    "From the hooked forward's activations and logits, compute the maps of the chosen targets"
+    "From the hooked forward's activations and output, compute the maps of the chosen targets"
     if hook.acts is None:
         raise LayerError(f"Layer {name!r} did not run during the forward pass: choose a layer the model uses.")
-    logits = _head_logits(logits)
-    items,classes = resolve_targets(cls, logits.detach())
-    A = hook.acts
+    raw = hook.acts
+    layout = read_layout(raw, hook.module, model, x, reshape, name)
+    with torch.set_grad_enabled(meth.needs_grad): sel = select(out, cls, target)   # a target's ops go on the graph
+    A = layout(raw.detach())
     if meth.name == 'cam':
-        check_head(head, A.detach(), logits.detach(), name)
-        maps = cam_from_head(head, A.detach(), items, classes)
+        check_head(head, raw.detach(), sel.table.detach(), name)
+        maps = cam_from_head(head, raw.detach(), sel.items, sel.cols, layout)
     elif meth.needs_grad:
-        G = _grads(logits, A, items, classes, name, retain_graph)
-        maps = meth.fn(A.detach()[items], G)
+        G = layout(_grads(sel.table, raw, sel.items, sel.cols, name, retain_graph))
+        maps = meth.fn(A[sel.items], G)
     elif meth.name == 'scorecam':
-        LayerHook.paused = True            # every hook, also another callback's: the masked passes are not predictions
-        try: maps = scorecam(A.detach()[items], scorecam_scores(model, x, A.detach(), items, classes, batch_size, pbar))
-        finally: LayerHook.paused = False
-    else: maps = meth.fn(A.detach()[items])
-    return CAMOutput(maps.float(), logits.detach(), items, classes, A.detach())
+        maps = scorecam(A[sel.items], scorecam_scores(model, x, A, sel.items, sel.cols, batch_size, pbar, target=sel.target))
+    else: maps = meth.fn(A[sel.items])
+    return CAMOutput(maps.float(), _main_output(out), sel.items, sel.cols, A, sel.scores, layout)
 
 # %% ../nbs/00_core.ipynb #b9c5bf46
-def compute_cams(model:nn.Module, # any model whose first output is the logits
+def compute_cams(model:nn.Module, # any model: its output is class logits, or anything a `target` reads
                  xb, # the input batch: a tensor or a tuple of tensors
                  method:str='cam', # a name from `METHODS`
-                 layer=None, # a module, a dotted name, or None (the layer feeding the pooling head)
-                 cls=None, # None (predicted), an int, one per item, a list of lists, or `f(logits)->(items,classes)`
+                 layer=None, # a module, a dotted name, or None (`auto_layer`)
+                 cls=None, # None (predicted), an int, one per item, a list of lists, or `f(table)->(items,classes)`
                  batch_size:int=32, # Score-CAM: masked inputs per forward pass
                  keep_acts:bool=False, # return the activations too
+                 target:Callable|None=None, # `f(out)` or `f(out, items=None)` -> (B,) or (B,T) scores; None: class logits
+                 reshape:Callable|None=None, # a function from the layer's output to (B,K,*grid) (layouts not recognised)
                 )->CAMOutput:
-    "Raw maps and logits for one batch, leaving the model exactly as it was"
-    meth,name,mod,head = prepare(model, method, layer)
+    "Raw maps and the model's output for one batch, leaving the model exactly as it was (thread-safe)"
+    meth,name,mod,head = prepare(model, method, layer, target)
     xs = tuple(xb) if isinstance(xb, (tuple,list)) else (xb,)
     check_cls(cls, len(xs[0]))
     no_inference = torch.inference_mode(False) if meth.needs_grad else nullcontext()
     with no_inference, eval_mode(model), LayerHook(mod, grad=meth.needs_grad, name=name) as hook:
         with torch.no_grad():
-            try: logits = model(*xs)
+            try: out = model(*xs)
             finally: hook.restore_grad_mode()   # here, inside no_grad: also when the forward raises
-        try: out = finish_cams(meth, hook, logits, cls, head, model, xs[0], name, batch_size)
+        try: res = finish_cams(meth, hook, out, cls, head, model, xs[0], name, batch_size, target=target, reshape=reshape)
         finally: hook.reset()
-    if not keep_acts: out.acts = None
-    return out
+    if not keep_acts: res.acts = None
+    return res
 
 # %% ../nbs/00_core.ipynb #7997e600
-def cam_maps(model:nn.Module, # any model whose first output is the logits
+def cam_maps(model:nn.Module, # any model: its output is class logits, or anything a `target` reads
              xb, # the input batch: a tensor or a tuple of tensors
              method:str='cam', # a name from `METHODS`
-             layer=None, # a module, a dotted name, or None (the layer feeding the pooling head)
-             cls=None, # None (predicted), an int, one per item, a list of lists, or `f(logits)->(items,classes)`
+             layer=None, # a module, a dotted name, or None (`auto_layer`)
+             cls=None, # None (predicted), an int, one per item, a list of lists, or `f(table)->(items,classes)`
              **kwargs
-            )->Tensor: # the maps, float32 (N,h,w)
-    "Raw class activation maps (B,h,w) (or (N,h,w) for several classes per item), float32 on the input's device"
+            )->Tensor: # the maps, float32 (N,*grid)
+    "Raw class activation maps (B,*grid) (or (N,*grid) for several per item), float32 on the input's device"
     return compute_cams(model, xb, method=method, layer=layer, cls=cls, **kwargs).maps

@@ -6,8 +6,9 @@ Docs: https://fastai-cam.github.io/fastai_cam/learner.html.md"""
 
 # %% ../nbs/03_learner.ipynb #b4b99d4c
 from __future__ import annotations
+import threading, weakref
 from pathlib import Path
-from contextlib import nullcontext
+from contextlib import nullcontext, contextmanager
 import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
@@ -33,22 +34,43 @@ def _as_items(items):
     if isinstance(items, (str, Path)) or not is_listy(items): return [items]
     return list(items)
 
+_busy_lock, _busy = threading.Lock(), weakref.WeakKeyDictionary()   # learner -> the thread computing its maps
+
+@contextmanager
+def _one_thread(learn):
+    "Raise if another thread is computing maps with this learner (a fastai `Learner` is not thread-safe)"
+    me = threading.get_ident()
+    with _busy_lock:
+        owner = _busy.get(learn)
+        if owner is not None and owner != me:
+            raise RuntimeError("This Learner is computing maps in another thread: a fastai Learner is not safe to predict "
+                               "from two threads at once. For concurrent calls use `compute_cams(learn.model, xb, ...)` "
+                               "(thread-safe) with `xb = learn.dls.test_dl(items).one_batch()[0]`, or one learner per thread.")
+        _busy[learn] = me
+    try: yield
+    finally:
+        if owner is None:
+            with _busy_lock: _busy.pop(learn, None)
+
 @patch
 def cam(self:Learner,
         items=None, # an item or a list of items (PIL images, paths, arrays: what `dls.test_dl` takes)
         dl=None, # or a `DataLoader` (e.g. `dls.valid`, `dls.test_dl(files)`)
         cls=None, # None (predicted), a label or index, or one per item (a list per item for several)
         method:str|None=None, # 'cam', 'gradcam', 'gradcam++', 'xgradcam', 'hirescam', 'layercam', 'scorecam', 'eigencam'
-        layer=None, # a module, a dotted name, or None (the layer feeding the pooling head)
+        layer=None, # a module, a dotted name, or None (`auto_layer`: the layer feeding the pooling head, ...)
         with_input:bool|None=None, # keep the inputs for `.show()` (default: True for items, False for a dl)
         bs:int|None=None, # batch size of the test loader made from `items`
         batch_size:int=32, # Score-CAM: masked inputs per forward pass
         maps_dtype=torch.float32, # dtype of the gathered raw maps (float16 halves memory)
+        target=None, # what to explain instead of a class: `f(out)` or `f(out, items=None)` -> (B,) or (B,T) scores
+        reshape=None, # a function from the layer's output to (B,K,*grid), for layouts not recognised
        )->CAMResult:
     "Class activation maps of `items` (or of every item of `dl`), as a `CAMResult`"
     method,layer = _default(self, 'method', method, 'cam'), _default(self, 'layer', layer, None)
-    prepare(self.model, method, layer)
-    cls = resolve_cls(self, cls)
+    target,reshape = _default(self, 'target', target, None), _default(self, 'reshape', reshape, None)
+    prepare(self.model, method, layer, target)
+    if target is None: cls = resolve_cls(self, cls)
     if dl is None:
         if items is None: raise ValueError("Pass the items to explain (learn.cam(img) or learn.cam([img1, img2])) or dl=.")
         items = _as_items(items)
@@ -57,10 +79,10 @@ def cam(self:Learner,
         dl = self.dls.test_dl(items, num_workers=0, **({'bs':bs} if bs else {}))
         if with_input is None: with_input = True
     cb = CAMCallback(method, layer, cls, batch_size=batch_size, keep_inputs=False, gather_inputs=bool(with_input),
-                     maps_dtype=maps_dtype)
+                     maps_dtype=maps_dtype, target=target, reshape=reshape)
     attached = [c for c in self.cbs if isinstance(c, CAMCallback)]
-    with self.removed_cbs(attached), (self.no_bar() if items is not None else nullcontext()):   # a bar for loaders only
-        self.get_preds(dl=dl, cbs=[cb])
+    with _one_thread(self), self.removed_cbs(attached), (self.no_bar() if items is not None else nullcontext()):
+        self.get_preds(dl=dl, cbs=[cb])                       # a progress bar for loaders only
     return cb.result
 
 # %% ../nbs/03_learner.ipynb #c411682d
@@ -124,17 +146,21 @@ def show(self:CAMResult,
 
 # %% ../nbs/03_learner.ipynb #75c99fff
 @patch
-def cam_batch(self:Learner, xb, cls=None, method:str|None=None, layer=None, targets=None, batch_size:int=32)->CAMResult:
+def cam_batch(self:Learner, xb, cls=None, method:str|None=None, layer=None, targets=None, batch_size:int=32,
+              target=None, reshape=None)->CAMResult:
     "Class activation maps of an already-collated batch `xb` (as the model takes it), as a `CAMResult`"
     method,layer = _default(self, 'method', method, 'cam'), _default(self, 'layer', layer, None)
-    cls = resolve_cls(self, cls)
-    if cls is None: cls = predicted_targets(self)
+    target,reshape = _default(self, 'target', target, None), _default(self, 'reshape', reshape, None)
+    if target is None:
+        cls = resolve_cls(self, cls)
+        if cls is None: cls = predicted_targets(self)
     xs = xb if isinstance(xb, (tuple, list)) else (xb,)
-    out = compute_cams(self.model, xs, method=method, layer=layer, cls=cls, batch_size=batch_size)
+    out = compute_cams(self.model, xs, method=method, layer=layer, cls=cls, batch_size=batch_size, target=target, reshape=reshape)
     act = getattr(self.loss_func, 'activation', lambda x: x)
     preds = act(out.logits.float())
-    return CAMResult(raw=out.maps, items=out.items, classes=out.classes, probs=preds[out.items, out.classes],
-                     preds=preds, size=tuple(xs[0].shape[-2:]), method=get_method(method).name,
+    return CAMResult(raw=out.maps, items=out.items, classes=out.classes,
+                     probs=preds[out.items, out.classes] if target is None else out.scores,
+                     preds=preds, size=tuple(xs[0].shape[2:]), method=get_method(method).name,
                      layer=find_layer(self.model, layer)[0], vocab=learner_vocab(self), targets=targets,
                      inputs=xs[0].detach(), dls=self.dls)
 
@@ -143,8 +169,9 @@ def show_cam(self:Learner,
              item=None, # an item or a list of items; None: the last `predict` cached by an attached `CAMCallback`
              cls=None, # None (predicted), a label or index, or one per item
              method:str|None=None, # a CAM method (default: the attached callback's, else 'cam')
-             layer=None, # a module, a dotted name, or None (the layer feeding the pooling head)
+             layer=None, # a module, a dotted name, or None (`auto_layer`)
              dl=None, # draw the first `max_n` items of this loader, titled actual/predicted
+             target=None, # what to explain instead of a class (see `Learner.cam`)
              max_n:int=9, # at most this many images
              alpha:float=0.6, cmap:str='magma', # the overlay, as in the book
              **kwargs # passed to `CAMResult.show` (ncols, figsize, axs, interpolation)
@@ -154,14 +181,14 @@ def show_cam(self:Learner,
         b = first(dl.new(shuffle=False, bs=max_n, drop_last=False))
         n_inp = getattr(self.dls, 'n_inp', 1)
         xb,yb = b[:n_inp], b[n_inp:]
-        res = self.cam_batch(xb, cls=cls, method=method, layer=layer, targets=yb[0] if yb else None)
+        res = self.cam_batch(xb, cls=cls, method=method, layer=layer, targets=yb[0] if yb else None, target=target)
     elif item is None:
         cbs = [c for c in self.cbs if isinstance(c, CAMCallback)]
         res = cbs[0].result if cbs else None
         if res is None or res.inputs is None:
             raise ValueError("Nothing to show yet: attach a CAMCallback and call learn.predict(img) first, "
                              "or pass an item: learn.show_cam(img).")
-        if cls is not None or method is not None or layer is not None:
-            res = self.cam_batch(res.inputs, cls=cls, method=method, layer=layer)
-    else: res = self.cam(item, cls=cls, method=method, layer=layer, with_input=True)
+        if cls is not None or method is not None or layer is not None or target is not None:
+            res = self.cam_batch(res.inputs, cls=cls, method=method, layer=layer, target=target)
+    else: res = self.cam(item, cls=cls, method=method, layer=layer, with_input=True, target=target)
     return res.show(max_n=max_n, alpha=alpha, cmap=cmap, **kwargs)

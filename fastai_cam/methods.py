@@ -19,53 +19,57 @@ __all__ = ['METHODS', 'weighted_sum', 'gradcam', 'gradcam_pp', 'xgradcam', 'hire
 # %% ../nbs/01_methods.ipynb #0e134def
 def _f32(*ts): return [t.float() for t in ts]
 
-def weighted_sum(A:Tensor, # activations (N,K,h,w)
+def _sum_grid(t:Tensor, keepdim:bool=False)->Tensor:
+    "Sum over every spatial axis of `t` (N,K,*grid)"
+    return t.sum(tuple(range(2, t.ndim)), keepdim=keepdim)
+
+def weighted_sum(A:Tensor, # activations (N,K,*grid)
                  w:Tensor, # channel weights (N,K)
                  relu:bool=True # apply ReLU to the result
-                )->Tensor: # maps (N,h,w)
+                )->Tensor: # maps (N,*grid)
     "`sum_k w_k A_k` for each item, followed by a ReLU"
-    m = torch.einsum('nk,nkhw->nhw', *_f32(w, A))
+    m = torch.einsum('nk,nk...->n...', *_f32(w, A))
     return m.relu() if relu else m
 
 # %% ../nbs/01_methods.ipynb #f1d4b418
-def gradcam(A:Tensor, # activations of the target layer (N,K,h,w)
-            G:Tensor, # gradients of the target logit with respect to `A` (N,K,h,w)
-           )->Tensor: # maps (N,h,w)
+def gradcam(A:Tensor, # activations of the target layer (N,K,*grid)
+            G:Tensor, # gradients of the target logit with respect to `A` (N,K,*grid)
+           )->Tensor: # maps (N,*grid)
     "Grad-CAM (Selvaraju et al. 2017): `w_k = mean_ij G`, map = ReLU(sum_k w_k A_k)"
     A,G = _f32(A,G)
-    return weighted_sum(A, G.mean((2,3)))
+    return weighted_sum(A, G.flatten(2).mean(-1))
 
 # %% ../nbs/01_methods.ipynb #923ab0ba
-def gradcam_pp(A:Tensor, # activations of the target layer (N,K,h,w)
-               G:Tensor, # gradients of the target logit with respect to `A` (N,K,h,w)
+def gradcam_pp(A:Tensor, # activations of the target layer (N,K,*grid)
+               G:Tensor, # gradients of the target logit with respect to `A` (N,K,*grid)
                eps:float=1e-7, # added to the denominator of `alpha`, which can vanish
-              )->Tensor: # maps (N,h,w)
+              )->Tensor: # maps (N,*grid)
     "Grad-CAM++ (Chattopadhay et al. 2018, eq. 19 closed form)"
     A,G = _f32(A,G)
     g2 = G*G
-    denom = 2*g2 + A.sum((2,3), keepdim=True)*g2*G
+    denom = 2*g2 + _sum_grid(A, keepdim=True)*g2*G
     alpha = torch.where(G != 0, g2/(denom + eps), torch.zeros_like(G))
-    return weighted_sum(A, (alpha*G.relu()).sum((2,3)))
+    return weighted_sum(A, _sum_grid(alpha*G.relu()))
 
 # %% ../nbs/01_methods.ipynb #74d35277
-def xgradcam(A:Tensor, # activations of the target layer (N,K,h,w)
-             G:Tensor, # gradients of the target logit with respect to `A` (N,K,h,w)
+def xgradcam(A:Tensor, # activations of the target layer (N,K,*grid)
+             G:Tensor, # gradients of the target logit with respect to `A` (N,K,*grid)
              eps:float=1e-7, # added to `sum_ij A_k`, which is 0 for a dead channel
-            )->Tensor: # maps (N,h,w)
+            )->Tensor: # maps (N,*grid)
     "XGrad-CAM (Fu et al. 2020): `w_k = sum_ij(A_k G_k) / (sum_ij A_k + eps)`"
     A,G = _f32(A,G)
-    return weighted_sum(A, (A*G).sum((2,3)) / (A.sum((2,3)) + eps))
+    return weighted_sum(A, _sum_grid(A*G) / (_sum_grid(A) + eps))
 
-def hirescam(A:Tensor, # activations of the target layer (N,K,h,w)
-             G:Tensor, # gradients of the target logit with respect to `A` (N,K,h,w)
-            )->Tensor: # maps (N,h,w)
+def hirescam(A:Tensor, # activations of the target layer (N,K,*grid)
+             G:Tensor, # gradients of the target logit with respect to `A` (N,K,*grid)
+            )->Tensor: # maps (N,*grid)
     "HiResCAM (Draelos & Carin 2020): ReLU(sum_k G_k * A_k), element-wise, no spatial mean"
     A,G = _f32(A,G)
     return (A*G).sum(1).relu()
 
-def layercam(A:Tensor, # activations of the target layer (N,K,h,w)
-             G:Tensor, # gradients of the target logit with respect to `A` (N,K,h,w)
-            )->Tensor: # maps (N,h,w)
+def layercam(A:Tensor, # activations of the target layer (N,K,*grid)
+             G:Tensor, # gradients of the target logit with respect to `A` (N,K,*grid)
+            )->Tensor: # maps (N,*grid)
     "LayerCAM (Jiang et al. 2021): ReLU(sum_k ReLU(G_k) * A_k)"
     A,G = _f32(A,G)
     return (A*G.relu()).sum(1).relu()
@@ -121,25 +125,25 @@ def _top_pc_iter(X, q, max_iter, tol):
         proj[bad] = _top_pc_gram(X[bad])
     return proj
 
-def eigencam(A:Tensor, # activations of the target layer (N,K,h,w)
+def eigencam(A:Tensor, # activations of the target layer (N,K,*grid)
              G:Tensor|None=None, # ignored: Eigen-CAM needs no gradient (the signature is that of the other methods)
-            )->Tensor: # maps (N,h,w)
+            )->Tensor: # maps (N,*grid)
     "Eigen-CAM (Muhammad & Yeasin 2020): first principal component of `A`, sign agreeing with the mean map"
     A, = _f32(A)
-    N,K,h,w = A.shape
-    X = A.flatten(2).transpose(1,2)                       # (N, hw, K)
+    X = A.flatten(2).transpose(1,2)                       # (N, positions, K)
     proj = top_pc(X - X.mean(1, keepdim=True))            # (N, hw)
     mean = A.mean(1).flatten(1)
     corr = ((proj - proj.mean(1,keepdim=True)) * (mean - mean.mean(1,keepdim=True))).sum(1)
     sign = torch.where(corr < 0, -1., 1.).to(proj)
-    return (proj*sign[:,None]).view(N,h,w).relu()
+    return (proj*sign[:,None]).view(A.shape[:1] + A.shape[2:]).relu()
 
 # %% ../nbs/01_methods.ipynb #62db11ac
-def minmax(maps:Tensor, # (..., h, w)
+def minmax(maps:Tensor, # (..., *grid): the last `dims` axes are the map
            rtol:float=1e-5, # a map whose range is below `rtol` times its magnitude counts as constant
+           dims:int=2, # spatial axes of a map: 2 for images, 1 for 1-D maps, 3 for volumes
           )->Tensor:
-    "Min-max normalise each map over its last two dims to [0,1]; a constant map becomes zeros, never NaN"
-    flat = maps.float().flatten(-2)
+    "Min-max normalise each map over its last `dims` axes to [0,1]; a constant map becomes zeros, never NaN"
+    flat = maps.float().flatten(-dims) if dims > 1 else maps.float()
     lo,hi = flat.min(-1, keepdim=True)[0], flat.max(-1, keepdim=True)[0]
     rng = hi - lo
     # relative threshold: upsampling a constant map leaves float rounding noise that must not be stretched to [0,1]
@@ -147,27 +151,31 @@ def minmax(maps:Tensor, # (..., h, w)
     out = torch.where(const, torch.zeros_like(flat), (flat - lo)/torch.where(const, torch.ones_like(rng), rng))
     return out.view_as(maps)
 
-def upsample(maps:Tensor, # (N,h,w) or (N,K,h,w)
-             size, # target (H,W)
-             mode:str='bilinear', # mode of `F.interpolate`: 'bilinear', 'nearest', 'bicubic', ...
-            )->Tensor: # maps (N,H,W) or (N,K,H,W)
-    "Upsample a batch of maps with `F.interpolate` (`align_corners=False`)"
+_MODES = {1:'linear', 2:'bilinear', 3:'trilinear'}
+
+def upsample(maps:Tensor, # (N,*grid) or (N,K,*grid), with as many grid axes as `size` has
+             size, # the target size: (H,W), (L,) or (D,H,W)
+             mode:str|None=None, # mode of `F.interpolate`; None: linear, bilinear or trilinear by the number of axes
+            )->Tensor: # maps (N,*size) or (N,K,*size)
+    "Upsample a batch of 1-D, 2-D or 3-D maps with `F.interpolate` (`align_corners=False` where the mode has it)"
+    size = tuple(size)
     x = maps.float()
-    sq = x.ndim == 3
+    sq = x.ndim == len(size) + 1
     if sq: x = x[:,None]
-    x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+    mode = mode or _MODES[len(size)]
+    x = F.interpolate(x, size=size, mode=mode, **({} if mode in ('nearest', 'nearest-exact', 'area') else {'align_corners':False}))
     return x[:,0] if sq else x
 
-def scorecam_masks(A:Tensor, # activations of the target layer (N,K,h,w)
-                   size, # input size (H,W)
-                  )->Tensor: # masks in [0,1] (N,K,H,W)
-    "Score-CAM masks: each channel upsampled to `size` and min-max normalised, (N,K,H,W)"
-    return minmax(upsample(A, size))
+def scorecam_masks(A:Tensor, # activations of the target layer (N,K,*grid)
+                   size, # input size (H,W), (L,) or (D,H,W)
+                  )->Tensor: # masks in [0,1] (N,K,*size)
+    "Score-CAM masks: each channel upsampled to `size` and min-max normalised, (N,K,*size)"
+    return minmax(upsample(A, size), dims=len(size))
 
-def scorecam(A:Tensor, # activations of the target layer (N,K,h,w)
+def scorecam(A:Tensor, # activations of the target layer (N,K,*grid)
              scores:Tensor, # target logit of the input masked with each channel (N,K)
-            )->Tensor: # maps (N,h,w)
-    "Score-CAM map from `A` (N,K,h,w) and the target logits of the masked inputs `scores` (N,K)"
+            )->Tensor: # maps (N,*grid)
+    "Score-CAM map from `A` (N,K,*grid) and the target logits of the masked inputs `scores` (N,K)"
     return weighted_sum(A, scores.float().softmax(-1))
 
 # %% ../nbs/01_methods.ipynb #927236ff
