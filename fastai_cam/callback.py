@@ -162,7 +162,7 @@ class CAMCallback(HookCallback):
             if self._cls is None: self._cls = predicted_targets(self.learn)
         else: self._cls = self.cls          # columns of the target's scores
         self._acc,self._preds,self._targs,self._inps,self._n = [],[],[],[],0
-        self._hook = LayerHook(mod, grad=self._meth.needs_grad, name=self._lname).__enter__()
+        self._hook = make_hook(self._meth, mod, self._lname).__enter__()
 
     def before_batch(self):
         if self._hook is not None: self._hook.reset()

@@ -20,7 +20,7 @@ from .targets import *
 # %% auto #0
 __all__ = ['is_global_pool', 'HeadSplit', 'split_head', 'auto_layer', 'find_layer', 'hooks_paused', 'LayerHook', 'n_hooks',
            'eval_mode', 'flat_head', 'run_head', 'cam_from_head', 'check_head', 'scorecam_scores', 'CAMOutput',
-           'check_cam_layer', 'prepare', 'finish_cams', 'compute_cams', 'cam_maps']
+           'check_cam_layer', 'prepare', 'finish_cams', 'make_hook', 'compute_cams', 'cam_maps']
 
 # %% ../nbs/00_core.ipynb #6c5f950d
 _POOL_NAMES = {'AdaptiveConcatPool2d', 'AdaptiveConcatPool1d', 'SelectAdaptivePool2d', 'GlobalAvgPool2d', 'GlobalPool2d',
@@ -74,6 +74,7 @@ def split_head(model:nn.Module, # the model, e.g. fastai's `Sequential(body, hea
         head = kids[i:]
         feeders = [k for n,k in list(cont.named_children())[:i] if not _is_aux_head(n, k)]
         if feeders: layer = feeders[-1]
+    while isinstance(layer, nn.ModuleList) and len(layer): layer = layer[-1]   # a list runs in the parent's forward: its last one feeds
     if layer is None: raise LayerError("The global pooling is the first module of the model: nothing feeds it.")
     return HeadSplit(layer, head)
 
@@ -85,7 +86,9 @@ def _token_layer(model:nn.Module)->nn.Module|None:
         if hasattr(m, 'num_prefix_tokens') and isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):   # timm
             last = blocks[-1]
             cls_pool = getattr(m, 'global_pool', 'token') == 'token' and m.num_prefix_tokens > 0
-            return last.norm1 if cls_pool and hasattr(last, 'norm1') else last
+            if cls_pool: return getattr(last, 'norm1', last)
+            norm = getattr(m, 'norm', None)                  # what the mean (or attention pool) reads: `norm`'s output
+            return norm if isinstance(norm, nn.Module) else last
         layers = getattr(getattr(m, 'encoder', None), 'layers', None)
         if hasattr(m, 'class_token') and isinstance(layers, (nn.Sequential, nn.ModuleList)) and len(layers):      # torchvision
             return getattr(layers[-1], 'ln_1', layers[-1])
@@ -93,7 +96,7 @@ def _token_layer(model:nn.Module)->nn.Module|None:
 
 def auto_layer(model:nn.Module, # the model
               )->nn.Module:
-    "The layer to explain when none is given: the one feeding the global pooling; in a vision transformer, the last block's attention input (class token) or output (average pooling)"
+    "The layer to explain when none is given: the one feeding the global pooling; in a vision transformer, the last block's attention input (class token) or the tokens the mean pools (average pooling)"
     try: return split_head(model).layer
     except LayerError as e: err = e
     if (m := _token_layer(model)) is not None: return m
@@ -319,13 +322,42 @@ class CAMOutput:
     scores:Tensor|None=None # the explained score of each map (N,): the class logit, or the target's value
     layout:Layout|None=None # how the layer's output was read
 
+# %% ../nbs/00_core.ipynb #90084c80
+class _TokenPool(nn.Module):
+    "The mean of the patch tokens (B,P+N,C) -> (B,C), the `prefix` leading tokens dropped (timm's `global_pool='avg'`)"
+    def __init__(self, prefix:int=0): super().__init__(); self.prefix = prefix
+    def forward(self, x): return x[:, self.prefix:].mean(1)
+
+_AFFINE = (nn.Identity, nn.Dropout, nn.Linear, nn.Flatten, nn.modules.batchnorm._BatchNorm, _TokenPool)   # in eval mode
+
+def _cam_split(model:nn.Module)->HeadSplit:
+    "`split_head`, or the token head of a timm transformer that averages its patch tokens into an affine head"
+    try: return split_head(model)
+    except LayerError as e: err = e
+    m = model
+    if _token_layer(m) is None: raise err
+    vit = next((v for v in m.modules() if hasattr(v, 'num_prefix_tokens') or hasattr(v, 'class_token')), m)
+    if not (getattr(m, 'global_pool', None) == 'avg' and getattr(m, 'attn_pool', None) is None and
+            not getattr(m, 'pool_include_prefix', False) and isinstance(getattr(m, 'norm', None), nn.Module)):
+        raise LayerError(f"{type(vit).__name__} has no pooling module and does not average its patch tokens into its head "
+                         "(a class-token transformer: only the class token reaches the head), so no layer has a CAM. Use a "
+                         "gradient method at the automatic layer (method='gradcam', 'layercam', ...) or the attention "
+                         "(method='rollout' or 'gradrollout').") from None
+    split = HeadSplit(m.norm, [_TokenPool(m.num_prefix_tokens), m.fc_norm, m.head_drop, m.head])
+    bad = [type(l).__name__ for l in flat_head(split.head) if not isinstance(l, _AFFINE)]
+    if bad:
+        raise LayerError(f"{type(m).__name__} averages its patch tokens, but its head after the mean is not affine ({', '.join(bad)}; "
+                         "timm's `fc_norm`: create the model with fc_norm=False), so CAM would not be exact. Use a gradient "
+                         "method (method='gradcam', 'layercam', ...) or method='rollout'.")
+    return split
+
 # %% ../nbs/00_core.ipynb #2a503c97
 def check_cam_layer(model:nn.Module, # the model
                     module:nn.Module, # the layer asked for
                     name:str='', # its name, for the error message
                    )->HeadSplit: # the model's `split_head`
     "Raise unless `module` is the layer that feeds the pooling head (or the last module of that layer)"
-    split = split_head(model)
+    split = _cam_split(model)
     ok,m = [split.layer],split.layer
     while isinstance(m, nn.Sequential) and len(m): m = m[-1]; ok.append(m)
     if not any(module is o for o in ok):
@@ -341,13 +373,19 @@ def _in_head(model, mod)->bool:
     except LayerError: return False
     return any(mod is m for h in head for m in h.modules())
 
+def _rollout():
+    "`fastai_cam.rollout`, which builds on this module: imported when an attention method is used"
+    from fastai_cam import rollout
+    return rollout
+
 def prepare(model:nn.Module, # the model
-            method:str='cam', # a name from `METHODS`
-            layer=None, # a module, a dotted name, or None (`auto_layer`)
+            method:str='cam', # a name from `METHODS` or `ATTENTION_METHODS`, or a `Method`
+            layer=None, # a module, a dotted name, or None (`auto_layer`; attention methods: every attention block)
             target:Callable|None=None, # a target, when one is given (CAM explains class logits only)
            )->tuple: # (method, layer name, layer module, CAM's head or None)
     "Resolve method and layer with clear errors before any forward pass: (Method, name, module, head or None)"
     meth = get_method(method)
+    if meth.name in ATTENTION_METHODS: return (meth,) + _rollout().attention_layer(model, layer) + (None,)
     if meth.name == 'cam':
         if target is not None:
             raise ValueError("CAM reads class scores through the pooling head: to explain a `target`, use a gradient "
@@ -411,6 +449,7 @@ def finish_cams(meth:Method, # the method, from `prepare`
     "From the hooked forward's activations and output, compute the maps of the chosen targets"
     if hook.acts is None:
         raise LayerError(f"Layer {name!r} did not run during the forward pass: choose a layer the model uses.")
+    if meth.name in ATTENTION_METHODS: return _rollout().attention_cams(meth, hook, out, cls, model, x, name, retain_graph, target)
     raw = hook.acts
     layout = read_layout(raw, hook.module, model, x, reshape, name)
     with torch.set_grad_enabled(meth.needs_grad): sel = select(out, cls, target)   # a target's ops go on the graph
@@ -425,6 +464,15 @@ def finish_cams(meth:Method, # the method, from `prepare`
         maps = scorecam(A[sel.items], scorecam_scores(model, x, A, sel.items, sel.cols, batch_size, pbar, target=sel.target))
     else: maps = meth.fn(A[sel.items])
     return CAMOutput(maps.float(), _main_output(out), sel.items, sel.cols, A, sel.scores, layout)
+
+# %% ../nbs/00_core.ipynb #d05f024b
+def make_hook(meth:Method, # the method, from `prepare`
+              mod:nn.Module, # the layer (attention methods: the module whose attention blocks they read), from `prepare`
+              name:str='', # its name, for error messages
+             ):
+    "The hook that records what `meth` needs in a forward pass: a `LayerHook` on `mod`, or an `AttentionHook` on every attention block under it"
+    if meth.name in ATTENTION_METHODS: return _rollout().AttentionHook(mod, grad=meth.needs_grad, name=name)
+    return LayerHook(mod, grad=meth.needs_grad, name=name)
 
 # %% ../nbs/00_core.ipynb #b9c5bf46
 def compute_cams(model:nn.Module, # any model: its output is class logits, or anything a `target` reads
@@ -442,7 +490,7 @@ def compute_cams(model:nn.Module, # any model: its output is class logits, or an
     xs = tuple(xb) if isinstance(xb, (tuple,list)) else (xb,)
     check_cls(cls, len(xs[0]))
     no_inference = torch.inference_mode(False) if meth.needs_grad else nullcontext()
-    with no_inference, eval_mode(model), LayerHook(mod, grad=meth.needs_grad, name=name) as hook:
+    with no_inference, eval_mode(model), make_hook(meth, mod, name) as hook:
         with torch.no_grad():
             try: out = model(*xs)
             finally: hook.restore_grad_mode()   # here, inside no_grad: also when the forward raises

@@ -47,17 +47,19 @@ class Layout:
         "The channels-first layout of `t` (B,K,*grid)"
         return cls(_NAMES[t.ndim], tuple(t.shape[2:]))
     def locations(self, v:Tensor)->Tensor:
-        "Feature vectors `v` (M,K) as M one-location maps in the layer's own layout (what a pooling head takes)"
+        "Feature vectors `v` (M,K) as M one-location maps in the layer's own layout (what a pooling head takes); tokens: one patch token after zero prefix tokens"
         nd = len(self.grid)
         if self.channels_last: return v.reshape(v.shape[0], *[1]*nd, v.shape[1])
         if self.kind in _NAMES.values(): return v.reshape(*v.shape, *[1]*nd)
+        if self.kind == 'tokens': return torch.cat([v.new_zeros(len(v), self.prefix, v.shape[1]), v[:, None]], 1)
         raise LayerOutputError(f"A {self.kind} layout has no per-location form for a pooling head.")
 
 # %% ../nbs/01a_layouts.ipynb #3d893cd6
-# modules whose output is channels-last (torchvision's and timm's Swin stages and blocks, their patch merging)
+# modules whose output is channels-last (torchvision's and timm's Swin stages and blocks, their patch merging, MaxViT's attention)
 CHANNELS_LAST = {'SwinTransformerBlock', 'SwinTransformerBlockV2', 'PatchMerging', 'PatchMergingV2',
                  'SwinTransformerStage', 'SwinTransformerV2Stage', 'SwinTransformerV2CrStage', 'SwinTransformerV2CrBlock',
-                 'ShiftedWindowAttention', 'ShiftedWindowAttentionV2', 'PatchMerging3d'}
+                 'ShiftedWindowAttention', 'ShiftedWindowAttentionV2', 'PatchMerging3d',
+                 'PartitionAttentionCl'}   # timm's MaxViT: window and grid attention on channels-last maps
 # modules whose output is channels-first whatever the shape
 _FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
           nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,

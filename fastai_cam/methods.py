@@ -13,8 +13,8 @@ import torch, torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['METHODS', 'weighted_sum', 'gradcam', 'gradcam_pp', 'xgradcam', 'hirescam', 'layercam', 'top_pc', 'eigencam', 'minmax',
-           'upsample', 'scorecam_masks', 'scorecam', 'Method', 'get_method']
+__all__ = ['METHODS', 'ATTENTION_METHODS', 'weighted_sum', 'gradcam', 'gradcam_pp', 'xgradcam', 'hirescam', 'layercam', 'top_pc',
+           'eigencam', 'minmax', 'upsample', 'scorecam_masks', 'scorecam', 'Method', 'get_method']
 
 # %% ../nbs/01_methods.ipynb #0e134def
 def _f32(*ts): return [t.float() for t in ts]
@@ -199,11 +199,18 @@ METHODS = {m.name:m for m in [
     Method('eigencam', eigencam, False, 'first principal component of the activations'),
 ]}
 
+# %% ../nbs/01_methods.ipynb #c31ab8d2
+ATTENTION_METHODS = {m.name:m for m in [
+    Method('rollout', None, False, "attention rollout: the heads' mean attention (plus identity) multiplied through the blocks"),
+    Method('gradrollout', None, True, "gradient-weighted rollout: each head's attention weighted by its positive gradient (Chefer et al. 2021)"),
+]}
+
 # %% ../nbs/01_methods.ipynb #cc61768c
-def get_method(name:str, # a method name, case and `_`/`-` insensitive: 'GradCAM', 'gradcam_pp', 'Layer-CAM', ...
-              )->Method: # its entry of `METHODS`
+def get_method(name, # a method name, case and `_`/`-` insensitive: 'GradCAM', 'gradcam_pp', 'Layer-CAM', ...; or a `Method`
+              )->Method: # its entry of `METHODS` or `ATTENTION_METHODS` (a `Method` given is returned as it is)
     "Look up a method by name (case and `_`/`-` insensitive), with a clear error listing the methods"
+    if isinstance(name, Method): return name
     key = str(name).lower().replace('_','').replace('-','').replace('plusplus','++').replace('pp','++')
-    for k,m in METHODS.items():
+    for k,m in (METHODS | ATTENTION_METHODS).items():
         if k.replace('-','') == key: return m
-    raise ValueError(f"Unknown CAM method {name!r}. Choose one of: {', '.join(METHODS)}")
+    raise ValueError(f"Unknown CAM method {name!r}. Choose one of: {', '.join(METHODS | ATTENTION_METHODS)}")
