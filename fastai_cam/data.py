@@ -12,11 +12,13 @@ from matplotlib.colors import hsv_to_rgb
 import torch
 import torch.nn.functional as F
 from torch import nn
+from functools import partial
 from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, IndexSplitter, ItemGetter, Normalize,
-                               imagenet_stats, ConvLayer, Learner, accuracy, set_seed)
+                               imagenet_stats, ConvLayer, Learner, accuracy, set_seed, Callback, DataLoaders, Adam,
+                               CrossEntropyLossFlat)
 
 # %% auto #0
-__all__ = ['make_digit_scenes', 'digit_dls', 'small_cnn', 'demo_learner']
+__all__ = ['make_digit_scenes', 'digit_dls', 'small_cnn', 'demo_learner', 'digit_vit', 'CropCurriculum', 'vit_demo_learner']
 
 # %% ../nbs/04_data.ipynb #0ac93afb
 @lru_cache(maxsize=1)
@@ -166,4 +168,80 @@ def demo_learner(n_train:int=6000, # training scenes
     if progress: learn.fit_one_cycle(epochs, lr)
     else:
         with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    return learn
+
+# %% ../nbs/04_data.ipynb #ff8acd49
+def digit_vit(n_out:int=10, # classes
+              img_size:int=48, # the input size it is built for (any size works: `dynamic_img_size`)
+              stem:tuple=(16,32,48,64), # channels of the stem's `ConvLayer`s; the first two have stride 2
+              dim:int=64, # token width
+              depth:int=3, # transformer blocks
+              heads:int=4, # attention heads per block
+              reg_tokens:int=4, # register tokens after the class token (Darcet et al. 2023)
+              mlp_ratio:float=2., # width of each block's MLP, over `dim`
+             )->nn.Module:
+    "A small hybrid timm `VisionTransformer`: a convolutional stem to a patch grid (stride 4), a class token and register tokens"
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+        from timm.layers import HybridEmbed
+    except ImportError as e: raise ImportError("digit_vit needs timm: pip install timm") from e
+    chs = (3,) + tuple(stem)
+    stem = nn.Sequential(*[ConvLayer(ni, nf, stride=2 if i < 2 else 1) for i,(ni,nf) in enumerate(zip(chs[:-1], chs[1:]))])
+    return VisionTransformer(img_size=img_size, patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem), embed_dim=dim,
+                             depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, num_classes=n_out, reg_tokens=reg_tokens,
+                             dynamic_img_size=True)
+
+# %% ../nbs/04_data.ipynb #44f3d2e3
+class _CropScenes:
+    "Digit scenes (CHW) and labels; with `crop`, a `crop` x `crop` window holding the digit, at a random offset"
+    def __init__(self, x, y, boxes, seed=0): self.x,self.y,self.boxes,self.crop,self.rng = x,y,boxes,None,np.random.default_rng(seed)
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i):
+        x = self.x[i]
+        if self.crop:
+            c,S = self.crop, x.shape[-1]
+            x0,y0,x1,y1 = self.boxes[i].tolist()
+            ox,oy = (int(self.rng.integers(max(0, e-c), min(s, S-c)+1)) for s,e in ((x0,x1), (y0,y1)))
+            x = x[:, oy:oy+c, ox:ox+c]
+        return x, self.y[i]
+
+class CropCurriculum(Callback):
+    "Train on crops around the digit for the first `epochs` epochs, then on the whole scenes"
+    def __init__(self,
+                 crop:int=28, # side of the crops
+                 epochs:int=6, # epochs on crops
+                ): self.crop,self.epochs = crop,epochs
+    def before_epoch(self): self.dls.train.dataset.crop = self.crop if self.epoch < self.epochs else None
+    def after_fit(self): self.dls.train.dataset.crop = None
+
+def vit_demo_learner(n_train:int=2500, # training scenes
+                     n_valid:int=300, # validation scenes (of held-out source digits)
+                     size:int=48, # side of the scenes
+                     digit_size:tuple=(16,24), # the digit's side, in pixels
+                     crop:int=28, # side of the crops of the first epochs
+                     crop_epochs:int=6, # epochs on crops
+                     epochs:int=3, # epochs on whole scenes, after them
+                     lr:float=2e-3, # maximum learning rate (one cycle over all the epochs)
+                     bs:int=64, # batch size
+                     seed:int=0, # seeds the data, the crops and the weights
+                     progress:bool=False, # show fastai's progress bar and table
+                     **kwargs # passed to `digit_vit`
+                    )->Learner:
+    "A `Learner` with `digit_vit` trained on digit scenes, crops first (about 95% valid accuracy in a minute on one CPU core)"
+    set_seed(seed)
+    _,tg = _digits()
+    perm = np.random.default_rng(seed).permutation(len(tg))
+    nv = len(tg)//5
+    (xt,yt,bt),(xv,yv,bv) = (make_digit_scenes(n, size=size, digit_size=digit_size, seed=s, src_idx=src)
+                             for n,s,src in ((n_train, seed, perm[nv:]), (n_valid, seed+1, perm[:nv])))
+    norm = lambda a: (torch.from_numpy(a).permute(0,3,1,2).float()/255 - 0.5)/0.25     # plain tensors: no per-op dispatch
+    dls = DataLoaders.from_dsets(_CropScenes(norm(xt), torch.from_numpy(yt), torch.from_numpy(bt), seed),
+                                 _CropScenes(norm(xv), torch.from_numpy(yv), torch.from_numpy(bv)), bs=bs, num_workers=0)
+    dls.vocab = [str(i) for i in range(10)]
+    dls.valid_imgs,dls.valid_labels,dls.boxes = xv,yv,torch.from_numpy(bv)
+    learn = Learner(dls, digit_vit(**kwargs), metrics=accuracy, loss_func=CrossEntropyLossFlat(), opt_func=partial(Adam, wd=0.05))
+    fit = lambda: learn.fit_one_cycle(crop_epochs + epochs, lr, cbs=CropCurriculum(crop, crop_epochs))
+    if progress: fit()
+    else:
+        with learn.no_bar(), learn.no_logging(): fit()
     return learn

@@ -22,7 +22,7 @@ from .methods import minmax, upsample, get_method
 from .callback import *
 
 # %% auto #0
-__all__ = ['count_forwards', 'show_cam_overlay']
+__all__ = ['count_forwards', 'show_cam_overlay', 'show_cam_strip', 'show_cam_slices']
 
 # %% ../nbs/03_learner.ipynb #a687e37e
 def _default(learn, attr, val, dflt):
@@ -112,6 +112,59 @@ def show_cam_overlay(img, # a decoded image: a (3,H,W) tensor or a PIL image
     ax.imshow(cam_map.detach().float().cpu(), alpha=alpha, cmap=cmap, extent=extent, interpolation=interpolation, **kwargs)
     return ax
 
+# %% ../nbs/03_learner.ipynb #64313665
+def show_cam_strip(signal:Tensor, # the input signal (C,L) (or (L,))
+                   cam_map:Tensor, # the map (L,), at the signal's length (`CAMResult.maps` are)
+                   ax=None, # a matplotlib axis to draw on (default: a new figure)
+                   alpha:float=1., # opacity of the heat strip
+                   cmap:str='magma', # colormap of the heat strip
+                   interpolation:str='nearest', # how matplotlib resamples the strip
+                   title:str|None=None, # title of the axis
+                   figsize=None, # size of the new figure, when `ax` is None
+                   strip:float=0.25, # height of the strip, as a share of the signal's range
+                   **kwargs # passed to `ax.imshow` for the strip (e.g. `vmin`, `vmax`)
+                  ):
+    "Plot the channels of a 1-D `signal` and `cam_map` as a heat strip under them, on the same time axis; returns the axis"
+    if ax is None: _,ax = plt.subplots(figsize=figsize or (6, 2.5))
+    s = torch.as_tensor(signal).detach().float().cpu()
+    s = s[None] if s.ndim == 1 else s.flatten(0, -2)
+    L = s.shape[-1]
+    ax.plot(s.T.numpy(), lw=1)
+    lo,hi = s.min().item(), s.max().item()
+    h = (hi - lo) or 1.
+    top,bot = lo - 0.05*h, lo - (0.05 + strip)*h
+    ax.imshow(cam_map.detach().float().cpu().reshape(1, -1), extent=(-0.5, L-0.5, bot, top), aspect='auto', cmap=cmap,
+              alpha=alpha, interpolation=interpolation, **({'vmin':0, 'vmax':1} | kwargs))
+    ax.set_xlim(-0.5, L-0.5); ax.set_ylim(bot, hi + 0.05*h)
+    if title: ax.set_title(title)
+    return ax
+
+# %% ../nbs/03_learner.ipynb #2c3345f5
+def show_cam_slices(volume:Tensor, # the input volume or video (C,D,H,W): 1 or 3 channels shown as gray or RGB, else the first
+                    cam_map:Tensor, # the map (D,H,W), at the volume's size (`CAMResult.maps` are)
+                    ax=None, # a matplotlib axis to draw on (default: a new figure)
+                    n:int=4, # number of slices (frames), evenly spaced along D
+                    alpha:float=0.6, # opacity of the heatmap
+                    cmap:str='magma', # colormap of the heatmap
+                    interpolation:str='bilinear', # how matplotlib resamples the heatmap
+                    title:str|None=None, # title of the axis
+                    figsize=None, # size of the new figure, when `ax` is None
+                    **kwargs # passed to `ax.imshow` for the heatmap
+                   ):
+    "Show `n` slices of a 3-D `volume` side by side with the same slices of `cam_map` on top; returns the axis"
+    v = torch.as_tensor(volume).detach().float().cpu()
+    if v.ndim == 3: v = v[None]
+    D = v.shape[1]
+    idx = torch.linspace(0, D-1, min(n, D)).round().long()
+    v = v[:3] if v.shape[0] == 3 else v[:1].expand(3, -1, -1, -1)
+    lo,hi = v.min(), v.max()
+    img = torch.cat(list(((v[:, idx] - lo)/((hi - lo) if hi > lo else 1)).unbind(1)), -1)    # (3,H,n*W)
+    ax = show_cam_overlay(img, torch.cat(list(cam_map.detach().float().cpu()[idx]), -1), ax=ax, alpha=alpha, cmap=cmap,
+                          interpolation=interpolation, title=title, figsize=figsize or (2*len(idx), 2.2), **kwargs)
+    W = v.shape[-1]
+    for k in range(1, len(idx)): ax.axvline(k*W - 0.5, color='w', lw=1)
+    return ax
+
 # %% ../nbs/03_learner.ipynb #4a896004
 def _titles(r:CAMResult):
     labels,probs = r.labels, r.probs.tolist()
@@ -129,19 +182,20 @@ def show(self:CAMResult,
          axs=None, # axes to draw on
          titles:list|None=None, # one title per map (default: label and probability, or actual/predicted)
          **kwargs):
-    "Draw each map over its decoded input; returns the list of axes"
+    "Draw each map over its decoded input (a 1-D signal: a heat strip under it; a volume: slices); returns the list of axes"
     if self.inputs is None:
         raise ValueError("This result kept no inputs to draw on: compute it with learn.cam(..., with_input=True).")
     n = min(max_n, len(self))
     imgs = self.dls.decode((self.inputs[self.items[:n].cpu()],))[0] if self.dls is not None else self.inputs[self.items[:n].cpu()]
-    maps,titles = minmax(upsample(self.raw[:n].float(), self.size)), (titles or _titles(self))[:n]
+    maps,titles = minmax(upsample(self.raw[:n].float(), self.size), dims=len(self.size)), (titles or _titles(self))[:n]
     if axs is None:
         ncols = ncols or min(n, 3)
         nrows = -(-n//ncols)
         axs = get_grid(n, nrows=nrows, ncols=ncols, figsize=figsize or (3*ncols, 3*nrows))
     axs = list(axs) if is_listy(axs) else [axs]
+    draw = {1: show_cam_strip, 3: show_cam_slices}.get(len(self.size), show_cam_overlay)   # 1-D signals, 3-D volumes, images
     for k,ax in enumerate(axs[:n]):
-        show_cam_overlay(imgs[k], maps[k], ax=ax, alpha=alpha, cmap=cmap, interpolation=interpolation, title=titles[k], **kwargs)
+        draw(imgs[k], maps[k], ax=ax, alpha=alpha, cmap=cmap, interpolation=interpolation, title=titles[k], **kwargs)
     return axs[:n]
 
 # %% ../nbs/03_learner.ipynb #75c99fff
