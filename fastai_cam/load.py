@@ -301,8 +301,8 @@ def load_cam_learner(path, # the file that `learn.export()` wrote
                                       Unpickler=type('_Unpickler', (_Unpickler,), dict(main=main, path=path)))
         try: learn = load_learner(path, cpu=cpu, pickle_module=guard)
         except (EOFError, pickle.UnpicklingError) as e: raise _damaged(path, f"{type(e).__name__}: {e}") from e
-        except RuntimeError as e:
-            if 'PytorchStreamReader' not in str(e): raise
+        except RuntimeError as e:   # the weights of a legacy file cut short (the zip's records were checked before)
+            if 'unexpected EOF' not in str(e): raise
             raise _damaged(path, f"{type(e).__name__}: {e}") from e
     if not cpu: learn.dls.to(default_device())   # `load_learner` leaves the DataLoaders where they were exported
     return learn
