@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from fastprogress.fastprogress import progress_bar
-from fastai.learner import Learner, load_learner
+from fastai.learner import Learner
 from fastai.data.transforms import get_files, image_extensions
 from .core import prepare
 from .methods import METHODS
 from .callback import is_multilabel, learner_vocab, class_index
 from .learner import _default  # and `Learner.cam`
+from .load import load_cam_learner, add_import_arg
 
 # %% auto #0
 __all__ = ['EXPLAIN_COLUMNS', 'collect_images', 'overlay_names', 'atomic_write', 'colormap_lut', 'blend_cams', 'draw_title',
@@ -265,6 +266,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
                 num_workers:int=0, # processes decoding images (the `DataLoader`'s)
                 chunk:int|None=None, # images per `learn.cam` call (default: `bs`)
                 log=None, # where to report unreadable files (default: print to stderr)
+                imports=(), # code that an exported learner needs: `.py` files or module names (see `load_cam_learner`)
                )->tuple:
     "Explain the images of `paths` into `out`; returns `(rows, n_ok, n_files)`"
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -272,7 +274,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
     rank,world,local_rank = dist_env()
     dev = _device(device, local_rank)
     # everything that can be checked without images is checked first
-    learn = model if isinstance(model, Learner) else load_learner(model, cpu=True)
+    learn = model if isinstance(model, Learner) else load_cam_learner(model, imports=imports)
     if dev.type != 'cpu': learn.dls.to(dev); learn.model.to(dev)
     method,layer = _default(learn, 'method', method, 'cam'), _default(learn, 'layer', layer, None)   # an attached CAMCallback's
     prepare(learn.model, method, layer)
@@ -359,6 +361,7 @@ def add_explain_args(p:argparse.ArgumentParser, # the parser (or subparser) that
                    "a text file with one path a line (relative to the current directory; @- reads standard input)")
     p.add_argument('-o', '--out', required=True, help="output folder: an overlay PNG per image (keeping the folder "
                    "structure under the inputs' common folder), predictions.csv, maps.npz")
+    add_import_arg(p)   # --import helpers.py: the code the learner needs
     p.add_argument('--method', default=None, help=f"CAM method, one of: {', '.join(METHODS)} (default: cam)")
     p.add_argument('--layer', default=None, help="dotted name of the layer (default: the one feeding the pooling head)")
     p.add_argument('--cls', default=None, help="class to explain, a label or an index (default: the predicted class)")
@@ -382,15 +385,13 @@ def explain_main(args:argparse.Namespace, # parsed by a parser that `add_explain
                 )->int: # 0: some images explained; 1: none could be; 2: a mistake in the command
     "Run `fastai-cam explain` with parsed `args`; returns the exit status"
     err = lambda m: print(f"fastai-cam explain: {m}", file=sys.stderr, flush=True)
-    if not Path(args.model).is_file():
-        err(f"error: no model file {args.model!r} (export one with learn.export())"); return 2
     t0 = time.time()
     try:
         rows,n_ok,n = explain_run(args.model, args.paths, args.out, method=args.method, layer=args.layer, cls=args.cls,
                                   alpha=args.alpha, cmap=args.cmap, bs=args.bs, device=args.device,
                                   save_maps=args.save_maps, skip_existing=args.skip_existing, title=not args.no_title,
                                   format=args.format,
-                                  progress=not args.quiet, num_workers=args.num_workers)
+                                  progress=not args.quiet, num_workers=args.num_workers, imports=args.imports)
     except (ValueError, IndexError, FileNotFoundError) as e:
         err(f"error: {e}"); return 2
     if n_ok == 0:
