@@ -197,4 +197,12 @@ d = { 'settings': { 'branch': 'main',
                                     'fastai_cam.metrics._size': ('metrics.html#_size', 'fastai_cam/metrics.py'),
                                     'fastai_cam.metrics.energy_pointing_game': ( 'metrics.html#energy_pointing_game',
                                                                                  'fastai_cam/metrics.py'),
-                                    'fastai_cam.metrics.pointing_game': ('metrics.html#pointing_game', 'fastai_cam/metrics.py')}}}
+                                    'fastai_cam.metrics.pointing_game': ('metrics.html#pointing_game', 'fastai_cam/metrics.py')},
+            'fastai_cam.report': { 'fastai_cam.report._card': ('report.html#_card', 'fastai_cam/report.py'),
+                                   'fastai_cam.report._e': ('report.html#_e', 'fastai_cam/report.py'),
+                                   'fastai_cam.report._float': ('report.html#_float', 'fastai_cam/report.py'),
+                                   'fastai_cam.report._num': ('report.html#_num', 'fastai_cam/report.py'),
+                                   'fastai_cam.report._select': ('report.html#_select', 'fastai_cam/report.py'),
+                                   'fastai_cam.report.folder_label': ('report.html#folder_label', 'fastai_cam/report.py'),
+                                   'fastai_cam.report.report_cards': ('report.html#report_cards', 'fastai_cam/report.py'),
+                                   'fastai_cam.report.report_html': ('report.html#report_html', 'fastai_cam/report.py')}}}

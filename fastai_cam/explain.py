@@ -20,6 +20,7 @@ from .core import prepare
 from .methods import METHODS
 from .callback import is_multilabel, learner_vocab, class_index
 from .learner import _default  # and `Learner.cam`
+from .report import report_html
 
 # %% auto #0
 __all__ = ['EXPLAIN_COLUMNS', 'collect_images', 'overlay_names', 'atomic_write', 'colormap_lut', 'blend_cams', 'draw_title',
@@ -226,9 +227,11 @@ class _Explainer:
         imgs = imgs.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         pred_prob,pred_lbl = res.preds.cpu().max(-1)[0].tolist(), res.pred_labels
         labels,probs,raw = res.labels, res.probs.cpu().tolist(), res.raw.cpu().float().numpy()
+        preds = res.preds.cpu().float().numpy()   # each item's probabilities: the HTML report's loss (not in the CSV)
         for k,(f,ov) in enumerate(zip(files, ovs)):
             self.rows.append(dict(file=str(f), overlay=str(ov), pred=pred_lbl[k], pred_prob=f"{pred_prob[k]:.6f}",
-                                  cls=labels[k], cls_prob=f"{probs[k]:.6f}", method=res.method, layer=res.layer, error=''))
+                                  cls=labels[k], cls_prob=f"{probs[k]:.6f}", method=res.method, layer=res.layer, error='',
+                                  probs=preds[k]))
             if self.save_maps: self.maps[str(f)] = raw[k]
         titles = [f"{l} {p:.2f}" for l,p in zip(labels, probs)] if self.title else None
         self.wait()   # at most one batch of overlays being written while the next one is computed
@@ -265,6 +268,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
                 num_workers:int=0, # processes decoding images (the `DataLoader`'s)
                 chunk:int|None=None, # images per `learn.cam` call (default: `bs`)
                 log=None, # where to report unreadable files (default: print to stderr)
+                html:bool=False, # also write `out/report.html`, a page of the overlays to filter and sort (rank 0)
                )->tuple:
     "Explain the images of `paths` into `out`; returns `(rows, n_ok, n_files)`"
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -312,8 +316,11 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
             rows = sorted(ex.rows, key=lambda r: r['file'])
             _write_csv(out/'predictions.csv', rows)
             if save_maps: _write_npz(out/'maps.npz', ex.maps)
-            return rows, n_ok, len(files)
-        return _merge(ex, out, rank, world, dev, n_ok, len(files), save_maps)
+            res = rows, n_ok, len(files)
+        else: res = _merge(ex, out, rank, world, dev, n_ok, len(files), save_maps)
+        if html and rank == 0:
+            with atomic_write(out/'report.html', 'w') as f: f.write(report_html(res[0], learner_vocab(learn)))
+        return res
     finally:
         if ex is not None: ex._pool.shutdown()
         if init_here: torch.distributed.destroy_process_group()
@@ -373,6 +380,8 @@ def add_explain_args(p:argparse.ArgumentParser, # the parser (or subparser) that
                    "not rewritten, their row kept from the previous predictions.csv")
     p.add_argument('--format', choices=['png', 'jpg'], default='png', help="overlay image format (default: png; "
                    "jpg is much faster to write)")
+    p.add_argument('--html', action='store_true', help="also write OUT/report.html: a page of the overlays with "
+                   "their predictions (right or wrong, for images in folders named after classes), to filter and sort")
     p.add_argument('--no-title', action='store_true', help="do not write the label and probability on the overlays")
     p.add_argument('-q', '--quiet', action='store_true', help="no progress bar and no summary")
     return p
@@ -389,7 +398,7 @@ def explain_main(args:argparse.Namespace, # parsed by a parser that `add_explain
         rows,n_ok,n = explain_run(args.model, args.paths, args.out, method=args.method, layer=args.layer, cls=args.cls,
                                   alpha=args.alpha, cmap=args.cmap, bs=args.bs, device=args.device,
                                   save_maps=args.save_maps, skip_existing=args.skip_existing, title=not args.no_title,
-                                  format=args.format,
+                                  format=args.format, html=args.html,
                                   progress=not args.quiet, num_workers=args.num_workers)
     except (ValueError, IndexError, FileNotFoundError) as e:
         err(f"error: {e}"); return 2
