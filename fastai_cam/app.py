@@ -131,8 +131,8 @@ def app_predict(learn:Learner, # the learner (only read: its transforms, model a
                                float(probs[j, cls]), raw[j], maps[j], imgs[k], get_method(m).name, name)
     return res
 
-# %% ../nbs/15_app.ipynb #0dbd0a7f
-def _safe(s): return re.sub(r'[^\w.-]+', '_', str(s)).strip('_.') or 'x'
+# %% ../nbs/15_app.ipynb #6230b0d3
+def _safe(s): return re.sub(r'[^\w.+-]+', '_', str(s)).strip('_.') or 'x'
 def _heat(m): return (np.clip(m, 0, 1, dtype=np.float32) * 255 + 0.5).astype(np.uint8)   # as `blend_cams` rounds
 _PRED = 'predicted'
 
@@ -179,7 +179,9 @@ class CAMApp:
         base = f"{_safe(stem)}.{_safe(r.method)}.{_safe(r.layer)}.{_safe(r.label)}"
         ov,npy,png = d/'overlay.png', d/f"{base}.raw.npy", d/f"{base}.png"
         heat = _heat(r.map)
-        Image.fromarray(blend_cams(r.image[None], heat[None] / 255, alpha, self.cmap)[0]).save(ov, compress_level=1)
+        over = blend_cams(r.image[None], heat[None] / 255, alpha, self.cmap)[0]
+        k = max(1, 256 // max(over.shape[:2]))     # a small input is shown larger: each pixel a k x k square
+        Image.fromarray(over.repeat(k, 0).repeat(k, 1)).save(ov, compress_level=1)
         np.save(npy, r.raw)
         Image.fromarray(heat).save(png, compress_level=1)
         with self._files_lock:

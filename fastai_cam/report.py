@@ -120,7 +120,7 @@ def _card(i, c):
             loss = '' if c['loss'] is None else f', loss {c["loss"]:.3f}'
             lines.append(f'actual {_e(c["actual"])}: <span class="verdict">{kind}</span>{loss}')
         expl = '' if c['cls'] == c['pred'] else f' of {_e(c["cls"])} ({_num(c["cls_prob"], "{:.3f}")})'
-        lines.append(f'{_e(c["method"])}{expl} at {_e(c["layer"])}')
+        lines.append(f'{_e(c["method"])}{expl} at layer {_e(c["layer"])}')
     img = (f'<img src="{_e(quote(Path(c["overlay"]).as_posix()))}" alt="{_e(shown)}" loading="lazy">'
            if c['overlay'] and not c['error'] else '')
     return f'<figure class="card {kind}" {data}>{img}<figcaption>{"<br>".join(lines)}</figcaption></figure>'
