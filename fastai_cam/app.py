@@ -256,6 +256,7 @@ def cam_app(self:Learner,
             methods:list|None=None, # the methods offered, the first is the default (default: all of `METHODS`)
             layers:list|None=None, # the layer names offered (default: found by `layer_choices`)
             examples=None, # a folder (or files) of example images
+            max_examples:int=24, # at most this many examples
             topk:int=5, # classes listed with their probabilities
             alpha:float=0.5, # initial opacity of the heatmap
             cmap:str='magma', # colormap of the heatmap
@@ -268,7 +269,7 @@ def cam_app(self:Learner,
             **kwargs # passed to `launch` (e.g. `prevent_thread_lock`, `quiet`)
            ):
     "A Gradio page with this learner's predictions and class activation maps; returns the `gradio.Blocks`"
-    demo = CAMApp(self, methods, layers, examples, topk, alpha, cmap).blocks(title, max_batch_size, workers)
+    demo = CAMApp(self, methods, layers, examples, topk, alpha, cmap, max_examples).blocks(title, max_batch_size, workers)
     if launch: demo.launch(server_name=host, server_port=port, show_error=True, **kwargs)
     return demo
 
