@@ -48,8 +48,9 @@ def test_every_card_shown(report, drv):
     "The whole page in one screenshot: ten cards, each inside it, each showing its overlay file's pixels"
     out,rows = report
     drv.get((out/'report.html').as_uri())
-    browser.full_page(drv, 1280)
+    browser.full_page(drv, 1280)     # tall enough for every lazy image to load, then as tall as the page with them
     browser.wait_for(drv, "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    browser.full_page(drv, 1280)
     shot = browser.screenshot(drv)
     cards = drv.execute_script(CARDS)
     assert len(cards) == len(rows) == 10
