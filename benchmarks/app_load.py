@@ -78,6 +78,7 @@ def phase(url, files, method, n_clients, seconds):
 
 
 def main(a):
+    import torch; torch.set_num_threads(a.threads)     # the made-up model's export here; the header's thread count
     d = Path(a.dir or tempfile.mkdtemp(prefix='app_load_'))
     files = make_images(d/'imgs', 16)
     model = Path(a.model) if a.model else make_model(d, files, arch=a.arch)
