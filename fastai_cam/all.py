@@ -8,7 +8,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/all.html.md"""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #20203532
-from . import methods, core, callback, learner, interpret, metrics, data
+from . import methods, core, callback, learner, interpret, metrics, data, tracker
 from .methods import *
 from .core import *
 from .callback import *
@@ -16,6 +16,7 @@ from .learner import *
 from .interpret import *
 from .metrics import *
 from .data import *
+from .tracker import *
 
 # %% ../nbs/99_all.ipynb #538f6b5f
-__all__ = [n for m in (methods, core, callback, learner, interpret, metrics, data) for n in m.__all__]
+__all__ = [n for m in (methods, core, callback, learner, interpret, metrics, data, tracker) for n in m.__all__]
