@@ -214,5 +214,5 @@ d = { 'settings': { 'branch': 'main',
                                     'fastai_cam.tracker.CAMTracker.reset': ('tracker.html#camtracker.reset', 'fastai_cam/tracker.py'),
                                     'fastai_cam.tracker.CAMTracker.show': ('tracker.html#camtracker.show', 'fastai_cam/tracker.py'),
                                     'fastai_cam.tracker._draw_record': ('tracker.html#_draw_record', 'fastai_cam/tracker.py'),
-                                    'fastai_cam.tracker._spread': ('tracker.html#_spread', 'fastai_cam/tracker.py'),
-                                    'fastai_cam.tracker._stack': ('tracker.html#_stack', 'fastai_cam/tracker.py')}}}
+                                    'fastai_cam.tracker._records': ('tracker.html#_records', 'fastai_cam/tracker.py'),
+                                    'fastai_cam.tracker._spread': ('tracker.html#_spread', 'fastai_cam/tracker.py')}}}
