@@ -1,5 +1,5 @@
 "CAMTracker with the rest of fastai: fine_tune, gradient accumulation, mixed precision, export, lr_find, predict, logging"
-import random, sys, types
+import random, sys, types, warnings
 import numpy as np, pytest, torch
 import matplotlib as mpl
 from fastai.vision.all import (Learner, accuracy, set_seed, params, load_learner, GradientAccumulation, Callback,
@@ -52,16 +52,19 @@ def test_gradient_accumulation(dls):
 
 def test_to_fp16_on_cpu(dls):
     "fastai's MixedPrecision autocasts on CUDA only: on a CPU it trains in float32, and the tracker changes nothing"
-    with pytest.warns(UserWarning):   # fastai's autocast('cuda') and GradScaler('cuda') say they are disabled
+    with warnings.catch_warnings():   # on a CPU, fastai's autocast('cuda') and GradScaler('cuda') say they are disabled
+        warnings.simplefilter('ignore')
         base = fit(learner(dls).to_fp16(), 'fit', 1, 1e-2)
         learn = fit(learner(dls, CAMTracker(imgs(dls))).to_fp16(), 'fit', 1, 1e-2)
     same_training(base, learn)
     assert learn.cam_tracker.maps.isfinite().all()
 
 class CPUAutocast(Callback):
-    "Make fastai's MixedPrecision autocast on the CPU in bfloat16 (its own autocast is CUDA's)"
+    "Make fastai's MixedPrecision autocast in bfloat16 on the model's device (its own autocast is CUDA's)"
     order = MixedPrecision.order + 1
-    def before_fit(self): self.learn.mixed_precision.autocast = torch.autocast('cpu', dtype=torch.bfloat16)
+    def before_fit(self):
+        dev = next(self.learn.model.parameters()).device.type
+        self.learn.mixed_precision.autocast = torch.autocast(dev, dtype=torch.bfloat16)
 
 def test_mixed_precision_autocast(dls):
     "the records run under the training forward's autocast: bfloat16 logits, float32 maps close to float32's"
