@@ -8,7 +8,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/all.html.md"""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #20203532
-from . import methods, layouts, targets, core, callback, learner, interpret, metrics, data, load, app
+from . import methods, layouts, targets, core, callback, learner, interpret, metrics, data, load, app, tracker
 from .methods import *
 from .layouts import *
 from .targets import *
@@ -20,6 +20,7 @@ from .metrics import *
 from .data import *
 from .load import *
 from .app import *     # `Learner.cam_app`; Gradio is imported only when an app is built
+from .tracker import *
 
 # %% ../nbs/99_all.ipynb #538f6b5f
-__all__ = [n for m in (methods, layouts, targets, core, callback, learner, interpret, metrics, data, load, app) for n in m.__all__]
+__all__ = [n for m in (methods, layouts, targets, core, callback, learner, interpret, metrics, data, load, app, tracker) for n in m.__all__]
