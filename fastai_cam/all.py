@@ -9,6 +9,7 @@ __all__ = []
 
 # %% ../nbs/99_all.ipynb #20203532
 from . import methods, core, callback, learner, interpret, metrics, data
+from . import faithfulness as _faithfulness   # the module; `faithfulness` is its function
 from .methods import *
 from .core import *
 from .callback import *
@@ -16,6 +17,7 @@ from .learner import *
 from .interpret import *
 from .metrics import *
 from .data import *
+from .faithfulness import *
 
 # %% ../nbs/99_all.ipynb #538f6b5f
-__all__ = [n for m in (methods, core, callback, learner, interpret, metrics, data) for n in m.__all__]
+__all__ = [n for m in (methods, core, callback, learner, interpret, metrics, data, _faithfulness) for n in m.__all__]
