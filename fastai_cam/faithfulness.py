@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch, first
-from fastprogress.fastprogress import progress_bar
+from fastprogress.fastprogress import progress_bar, printing
 from fastai.learner import Learner, load_learner
 from .core import eval_mode, compute_cams, cam_maps, find_layer, prepare
 from .methods import METHODS, get_method, minmax, upsample
@@ -197,10 +197,11 @@ def pixel_ranks(maps:Tensor, # (n,H,W) maps
     return torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
 
 def _baseline(base, x):
-    "The baseline images (n,C,H,W): 'blur', a constant, or a tensor broadcast to `x`"
+    "The baseline: a float (a constant image), or images (n,C,H,W) from 'blur' or a tensor broadcast to `x`"
     if isinstance(base, str):
         if base == 'blur': return blur(x)
         raise ValueError(f"Unknown baseline {base!r}: use 'blur', a number (a constant image) or a tensor.")
+    if isinstance(base, (int, float)) or (isinstance(base, Tensor) and base.ndim == 0): return float(base)
     return torch.as_tensor(base, dtype=x.dtype, device=x.device).expand_as(x)
 
 def _scores_of(model, n_rows, make, score, bs, dev):
@@ -253,8 +254,10 @@ def faithfulness(model:nn.Module, # the model (switched to eval mode for the cal
             first = 1 if kind == 'deletion' else 0                      # the clean input (its end) needs no forward
             def make(r, base=base, kind=kind, first=first, ks=ks):
                 i,s = r // steps, r % steps + first
-                m = (rank[i] < ks[s][:,None]).view(-1, 1, H, W)
-                return (torch.where(m, base[i], x[i]) if kind == 'deletion' else torch.where(m, x[i], base[i])), i
+                m = (rank[i] < ks[s][:,None]).view(-1, 1, H, W)          # the pixels deleted (inserted) in each row
+                if kind == 'insertion': m = ~m                           # the pixels that still show the baseline
+                if isinstance(base, float): return x[i].masked_fill_(m, base), i     # x[i] is a copy: fill it in place
+                return torch.where(m, base[i], x[i]), i
             sc = _scores_of(model, n*steps, make, score, bs, dev).view(n, steps)
             curve = torch.cat([y0[:,None], sc], 1) if kind == 'deletion' else torch.cat([sc, y0[:,None]], 1)
             fr = torch.arange(steps+1, device=dev) / steps
@@ -422,9 +425,9 @@ def randomise(module:nn.Module, # the module whose parameters (of every submodul
                 for p in own: p.normal_(0, float(p.float().std()) if p.numel() > 1 else 1.)
     return module
 
-# %% ../nbs/13_faithfulness.ipynb #ffd7e9aa
+# %% ../nbs/13_faithfulness.ipynb #f9b45128
 class SanityReport(pd.DataFrame):
-    "One row per randomised layer: `layer`, the mean `spearman` and `ssim` over the items (and their `_std`); `.plot()`, `.show()`"
+    "One row per randomised layer: `layer`, the mean `spearman` and `ssim` over the items (and their `_std`); `.maps`, `.plot()`, `.show()`"
     _metadata = ['maps', 'mode', 'method']
     @property
     def _constructor(self): return SanityReport
@@ -447,7 +450,7 @@ class SanityReport(pd.DataFrame):
         if max_layers is not None: maps,names = maps[:max_layers+1], names[:max_layers+1]
         axs = plt.subplots(1, len(names), figsize=figsize or (1.1*len(names), 1.5))[1]
         for ax,m,nm in zip(np.atleast_1d(axs), minmax(maps.float()), names):
-            ax.imshow(m.cpu(), cmap=cmap); ax.set_title(nm, fontsize=7); ax.axis('off')
+            ax.imshow(m.cpu(), cmap=cmap, interpolation='bilinear'); ax.set_title(nm, fontsize=7); ax.axis('off')
         return axs
 
 # %% ../nbs/13_faithfulness.ipynb #fa6c885d
@@ -474,18 +477,19 @@ def sanity_check(model:nn.Module, # the model: never changed (a deep copy is ran
         with eval_mode(model), torch.no_grad(): cls = _logits(model(x)).argmax(-1)
     cls = torch.as_tensor(cls, device=x.device).long().expand(len(x)).tolist()
     rnd = copy.deepcopy(model)
-    maps_of = lambda m: upsample(mapf(m, x, cls).detach().float(), x.shape[-2:])
-    ref = maps_of(rnd)
-    refn,rows,kept = minmax(ref), [], [ref.cpu()]
+    raw0 = mapf(rnd, x, cls).detach().float()
+    ref = upsample(raw0, x.shape[-2:])
+    refn,rows,kept = minmax(ref), [], [raw0.cpu()]
     for i,name in enumerate(names):
         mod = rnd.get_submodule(name)
         saved = copy.deepcopy(mod.state_dict()) if mode == 'independent' else None
         randomise(mod, seed + i)
-        mp = maps_of(rnd)
+        raw = mapf(rnd, x, cls).detach().float()
+        mp = upsample(raw, x.shape[-2:])                 # compared at the input's size
         sp,ss = spearman(ref, mp), ssim(refn, minmax(mp))
         std = lambda t: t.std().item() if len(t) > 1 else 0.
         rows.append(dict(layer=name, spearman=sp.mean().item(), ssim=ss.mean().item(), spearman_std=std(sp), ssim_std=std(ss)))
-        kept.append(mp.cpu())
+        kept.append(raw.cpu())
         if saved is not None: mod.load_state_dict(saved)
     rep = SanityReport(rows)
     rep.maps,rep.mode,rep.method = torch.stack(kept), mode, mname
@@ -546,8 +550,13 @@ class _Evaluator:
         if not self.rows_(): raise ValueError("Nothing to score: give at least one method or baseline.")
         self.cols = self.metrics + (['pointing'] if pointing else [])
         self.pointing,self.n = pointing,0
-        self.sums = torch.zeros(len(self.rows_()), len(self.cols), dtype=torch.float64)
-        self.curve_sums,self.fractions = {},{}
+        nr,steps = len(self.rows_()), opts.get('steps', 20)
+        self.sums = torch.zeros(nr, len(self.cols), dtype=torch.float64)
+        fr = {'deletion': torch.arange(steps+1) / steps, 'insertion': torch.arange(steps+1) / steps,
+              'road_morf': torch.tensor(opts.get('percentiles', ROAD_PERCENTILES)) / 100}
+        fr['road_lerf'] = fr['road_morf']
+        self.fractions = {k: fr[k].float() for k in self.metrics if k in fr}      # the same shapes on every process
+        self.curve_sums = {k: torch.zeros(nr, len(f), dtype=torch.float64) for k,f in self.fractions.items()}
     def rows_(self): return list(self.methods) + self.baselines
 
     def add(self, x, ids, cls=None, boxes=None):
@@ -565,9 +574,7 @@ class _Evaluator:
                 v = res[k]
                 if isinstance(v, Curves):
                     self.sums[r,c] += v.score.double().sum().cpu()
-                    self.fractions[k] = v.fractions.cpu()
-                    cs = self.curve_sums.setdefault(k, torch.zeros(len(self.sums), v.scores.shape[1], dtype=torch.float64))
-                    cs[r] += v.scores.double().sum(0).cpu()
+                    self.curve_sums[k][r] += v.scores.double().sum(0).cpu()
                 else: self.sums[r,c] += v.double().sum().cpu()
             if self.pointing:
                 self.sums[r,-1] += pointing_game(maps[row], boxes, size=x.shape[-2:], reduction='none').double().sum().cpu()
@@ -618,6 +625,9 @@ def cam_report(self:Learner,
         raise ValueError("The loader shuffles its items: use one with shuffle=False (e.g. dls.valid, or dl.new(shuffle=False)).")
     if getattr(self.dls, 'n_inp', 1) != 1: raise ValueError("cam_report explains models that take one input tensor.")
     metrics = list(FAITHFULNESS_METRICS) if metrics is None else _check_metrics(metrics)
+    if callable(cls) and not isinstance(cls, (str, Tensor)):
+        raise ValueError("cam_report explains one class per item (None, a label or index, or one per item); for another "
+                         "score, call `faithfulness(model, x, maps, targets=f)` with `f(out, items) -> scores`.")
     cls,n_items = resolve_cls(self, cls), len(dl.dataset)
     if isinstance(cls, list) and len(cls) != n_items:
         raise ValueError(f"Got {len(cls)} classes for {n_items} items: give one per item, one for all, or None.")
@@ -627,14 +637,14 @@ def cam_report(self:Learner,
     ev = _Evaluator(self.model, _methods(methods), metrics, baselines, layer, _act(self), boxes is not None, batch_size,
                     steps=steps, percentiles=percentiles, noise=noise, seed=seed, bs=bs)
     i = 0
-    for b in (progress_bar(dl, leave=False) if progress else dl):
+    for b in (progress_bar(dl, leave=False) if progress and printing() else dl):   # no bar where nothing is shown
         x = b[0].as_subclass(Tensor); k = len(x)
         ev.add(x, np.arange(i, i+k), cls[i:i+k] if isinstance(cls, list) else cls,
                None if boxes is None else boxes[i:i+k].to(x.device))
         i += k
     return ev.report()
 
-# %% ../nbs/13_faithfulness.ipynb #4b275936
+# %% ../nbs/13_faithfulness.ipynb #af5e0099
 @patch
 def cam_sanity(self:Learner,
                items, # the items (images, paths: what `dls.test_dl` takes), explained in one batch
@@ -653,7 +663,7 @@ def cam_sanity(self:Learner,
     x = first(self.dls.test_dl(items, bs=len(items), num_workers=0))[0].as_subclass(Tensor)
     return sanity_check(self.model, x, method, layer, mode, layers, cls, seed, batch_size)
 
-# %% ../nbs/13_faithfulness.ipynb #31b5c7c7
+# %% ../nbs/13_faithfulness.ipynb #b12514fa
 def _write_report(rep, out):
     "report.csv, report.md and curves.png in `out`, each written atomically"
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -704,7 +714,7 @@ def evaluate_run(model, # an exported learner (`.pkl`) or a `Learner`
             err = check_image(f)
             if err: log(f"fastai-cam evaluate: skipping {f}: {err}")
             else: mine.append((i, f))
-        pb = progress_bar(range(len(mine)), leave=False) if progress and rank == 0 and mine else None
+        pb = progress_bar(range(len(mine)), leave=False) if progress and printing() and rank == 0 and mine else None
         for s in range(0, len(mine), bs):
             ids,fs = zip(*mine[s:s+bs])
             x = first(learn.dls.test_dl(list(fs), bs=len(fs), num_workers=0))[0].as_subclass(Tensor)
@@ -721,7 +731,7 @@ def evaluate_run(model, # an exported learner (`.pkl`) or a `Learner`
     finally:
         if init_here: torch.distributed.destroy_process_group()
 
-# %% ../nbs/13_faithfulness.ipynb #192f7feb
+# %% ../nbs/13_faithfulness.ipynb #f07b94fa
 def add_evaluate_args(p:argparse.ArgumentParser, # the parser (or subparser) that gets the arguments
                      )->argparse.ArgumentParser: # `p`, for chaining
     "Add the arguments of `fastai-cam evaluate` to the parser `p`"
@@ -767,5 +777,5 @@ def _cli(argv=None):
     p = argparse.ArgumentParser(prog='fastai-cam evaluate', description="Score CAM methods with faithfulness metrics on images")
     sys.exit(evaluate_main(add_evaluate_args(p).parse_args(argv)))
 
-# %% ../nbs/13_faithfulness.ipynb #15084f6c
+# %% ../nbs/13_faithfulness.ipynb #2db7e004
 if __name__ == '__main__': _cli()
