@@ -269,7 +269,7 @@ def faithfulness(model:nn.Module, # the model (switched to eval mode for the cal
             if 'increase' in metrics: res['increase'] = (o > y0).float() * 100
         for kind in ('road_morf', 'road_lerf'):
             if kind not in metrics: continue
-            ks = (ps / 100 * P).round().long().clamp(1, P-1).to(dev)
+            ks = (P - torch.ceil((P-1) * (100 - ps) / 100 - 1e-9)).long().clamp(1, P-1).to(dev)   # at/above the (100-p)th percentile
             J = len(ks)
             def make(r, kind=kind, ks=ks, J=J):
                 i,j = r // J, r % J
