@@ -171,7 +171,7 @@ def _cols(sel, n:int, what:str):
 class ClassTarget:
     "A target: the logit of class `cls` of a classifier's output (B,C); a list of classes gives one map per class"
     def __init__(self,
-                 cls, # a class index, or a list of them (a column each: T maps per item)
+                 cls=None, # a class index, a list of them (a column each: T maps per item), or None: every class
                 ): self.cls = cls
     def __call__(self, out):
         lg = class_logits(out)
