@@ -13,13 +13,13 @@ from fastai.callback.core import GatherPredsCallback
 from fastai.callback.hook import HookCallback
 from .core import *
 from .methods import get_method, minmax, upsample
-from .targets import takes_items, RegionTarget
+from .targets import takes_items, RegionTarget, ClassTarget
 from .methods import blank_maps
 from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['synth_image_dls', 'is_multilabel', 'learner_vocab', 'class_index', 'resolve_cls', 'predicted_targets', 'learner_task',
-           'every_output', 'task_target', 'CAMResult', 'CAMCallback', 'GradCAMCallback']
+           'every_output', 'Columns', 'task_target', 'CAMResult', 'CAMCallback', 'GradCAMCallback']
 
 # %% ../nbs/02_callback.ipynb #f4a5a30d
 def synth_image_dls(n:int=48, # number of images; the last quarter is the validation set
@@ -118,11 +118,30 @@ def every_output(table:Tensor, # the score table (B,T)
     dev = table.device
     return torch.arange(B, device=dev).repeat_interleave(T), torch.arange(T, device=dev).repeat(B)
 
+class Columns:
+    "A class choice: the same columns of the score table (classes, outputs) for every item, a map each"
+    def __init__(self,
+                 cols, # the column indices
+                ): self.cols = [int(c) for c in cols]
+    def __call__(self, table:Tensor)->tuple: # (items, columns)
+        c = torch.tensor(self.cols, device=table.device)
+        return torch.arange(len(table), device=table.device).repeat_interleave(len(c)), c.repeat(len(table))
+    def __repr__(self): return f"Columns({self.cols})"
+
+def _by_class(target):
+    "A `RegionTarget`/`ClassTarget` of given classes as the same target over every class, and those classes as the choice"
+    c = target.cls
+    t = ClassTarget(None) if isinstance(target, ClassTarget) else RegionTarget(None, mask=target.mask, box=target.box)
+    return t, c if isinstance(c, (int, str)) else Columns(c)
+
 def task_target(learn, # a fastai `Learner`
                 cls=None, # None, a label or index (a segmentation code: 'building'), or one (or a list) per item
                 target=None, # a target given by the user: kept, with `cls` picking its columns
                )->tuple: # (target or None, cls)
     "What to explain for the learner's task: (target, cls), labels resolved (an unknown code lists the codes)"
+    if isinstance(target, (RegionTarget, ClassTarget)):      # columns are classes: labels resolved, maps labelled by the vocab
+        if target.cls is not None and cls is None: target,cls = _by_class(target)
+        return target, cls if isinstance(cls, Columns) else resolve_cls(learn, cls)
     if target is not None: return target, cls
     task = learner_task(learn)
     cls = resolve_cls(learn, cls)

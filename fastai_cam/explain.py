@@ -18,7 +18,7 @@ from fastai.learner import Learner, load_learner
 from fastai.data.transforms import get_files, image_extensions
 from .core import prepare
 from .methods import METHODS
-from .callback import is_multilabel, learner_vocab, class_index, learner_task
+from .callback import is_multilabel, learner_vocab, class_index, learner_task, Columns
 from .targets import ClassTarget, RegionTarget, RegressionTarget, PointTarget, OutputField
 from .learner import _default, _method, _px, cam_titles  # and `Learner.cam`
 
@@ -179,18 +179,11 @@ def _load_npz(fn)->dict:
 def _parse_cls(learn, cls):
     "A class from the command line: a vocab label, or else an index; several, comma-separated: a map each, for every image"
     if cls is None or not isinstance(cls, str): return None if cls is None else class_index(learn, cls)
-    if ',' in cls: return _Columns([_parse_cls(learn, c.strip()) for c in cls.split(',')])
+    if ',' in cls: return Columns([_parse_cls(learn, c.strip()) for c in cls.split(',')])
     try: return class_index(learn, cls)
     except ValueError:
         if cls.lstrip('-').isdigit(): return class_index(learn, int(cls))
         raise
-
-class _Columns:
-    "A class choice: these columns of the score table, for every item"
-    def __init__(self, cols): self.cols = cols
-    def __call__(self, table):
-        c = torch.tensor(self.cols, device=table.device)
-        return torch.arange(len(table), device=table.device).repeat_interleave(len(c)), c.repeat(len(table))
 
 def _top1(logits): return torch.arange(len(logits), device=logits.device), logits.argmax(-1)
 
@@ -211,7 +204,7 @@ def parse_target(spec:str, # e.g. 'region:building', 'point:0:x', 'output:aux:re
         i,_,coord = rest.partition(':')
         i = _int(i, 'the point')
         if coord not in ('', 'x', 'y'): raise ValueError(f"--target {spec!r}: the coordinate is x or y, not {coord!r}.")
-        return PointTarget(None), 2*i + 'xy'.index(coord) if coord else _Columns([2*i, 2*i + 1])
+        return PointTarget(None), 2*i + 'xy'.index(coord) if coord else Columns([2*i, 2*i + 1])
     if kind == 'output' and rest:
         key,_,then = rest.partition(':')
         t,c = parse_target(then, learn) if then else (None, None)
@@ -260,7 +253,7 @@ class _Explainer:
 
     def _one_each(self, res, files)->bool:
         "Whether this run writes one overlay per image (named after it), or one per map (`name.LABEL.png`)"
-        return self.task == 'classification' and self.target is None and not isinstance(self.cls, _Columns)
+        return self.task == 'classification' and self.target is None and not isinstance(self.cls, Columns)
 
     def run(self, files, ovs):
         "Explain `files` (already checked), writing the overlays named `ovs`"
@@ -302,7 +295,7 @@ class _Explainer:
                            cls_prob=f"{float((res.preds[k] == res.classes[j]).float().mean()):.6f}")   # its share of the pixels
             self.rows.append(row)
             if self.save_maps: self.maps[f"{files[k]}:{labels[j]}"] = raw[j]
-        titles = [t + (' (all-zero map)' if b else '') for t,b in zip(titles, blank)] if self.title else None
+        titles = [t + (' (all zero)' if b else '') for t,b in zip(titles, blank)] if self.title else None
         outline = (res.preds[res.items] == res.classes[:, None, None].to(res.preds.device)).cpu().numpy() if seg else None
         maps = res.maps.cpu().numpy()
         maps[np.array(blank, dtype=bool)] = np.nan                                             # nothing to draw

@@ -150,7 +150,7 @@ def cam_titles(r:CAMResult, # a result
         return [f"{l} {s:.0%}" for l,s in zip(r.labels, share.tolist())]
     if r.kind not in ('regression', 'points'): return _titles(r)
     v,cols = r.probs.float(), r.classes
-    act = None if r.targets is None else r.targets.float().flatten(1)[r.items, cols.to(r.targets.device)]
+    act = None if r.targets is None else r.targets.float().reshape(len(r.targets), -1)[r.items, cols.to(r.targets.device)]
     if r.kind == 'points':
         v,act = _px(r, cols.to(v.device), v), None if act is None else _px(r, cols.to(act.device), act)
         names,unit = [f"{'xy'[c % 2]}{c // 2} " for c in cols.tolist()],'px'
@@ -207,7 +207,7 @@ def show(self:CAMResult,
     blank = self.blank[:n].tolist()                  # nothing to draw: the image alone, and the title says why
     for k,ax in enumerate(axs[:n]):
         show_cam_overlay(imgs[k], maps[k], ax=ax, alpha=0 if blank[k] else alpha, cmap=cmap, interpolation=interpolation,
-                         title=titles[k] + (' (all-zero map)' if blank[k] else ''), **kwargs)
+                         title=titles[k] + (' (all zero)' if blank[k] else ''), **kwargs)
         draw_task(ax, self, k)
     return axs[:n]
 
