@@ -10,6 +10,7 @@ in [0, 1], interleaved; a ratio < 1 means ours is faster.
     python benchmarks/peers.py                  # agreement + speed (resnet50 224px, batch 1 and 16)
     python benchmarks/peers.py --part agree     # only the agreement table
     python benchmarks/peers.py --quick          # resnet18 at 112px, batch 1 and 8, 2 rounds (about a minute)
+    python benchmarks/peers.py --part seg       # Seg-Grad-CAM on a resnet34 U-Net: agreement and speed (issue 11)
 """
 from __future__ import annotations
 import argparse, contextlib, functools, io, time
@@ -189,6 +190,16 @@ def seg_speed(quick:bool, rounds:int)->list:
              fmt_r(ratio(t, 'ours', 'pytorch-grad-cam')), '', '',
              f"ours {fmt_r(ratio(t, 'ours', 'fwd'))}, pytorch-grad-cam {fmt_r(ratio(t, 'pytorch-grad-cam', 'fwd'))} a forward", '']]
 
+def seg_tables(quick:bool, rounds:int):
+    "Only the Seg-Grad-CAM rows of the agreement and speed tables"
+    t0 = time.time()
+    print("## Seg-Grad-CAM against pytorch-grad-cam's `SemanticSegmentationTarget` (maps at input size, min-max normalised)\n")
+    print(table(['model', 'layer', 'method', 'peer', 'max abs diff', 'corr', 'why'], seg_agreement(quick)))
+    rows = seg_speed(quick, rounds)
+    print(f"\n{machine()}; {rounds} rounds\n")
+    print(table(['method', 'layer', 'batch', 'ours', 'vs pytorch-grad-cam', 'vs torchcam', 'vs captum', 'note', 'goal'], rows))
+    print(f"\ntotal {time.time()-t0:.0f} s")
+
 GOALS = {'cam': 'ours raw <= 1.05x forward', 'scorecam': '<= 0.8x fastest peer', 'eigencam': '<= 0.3x pytorch-grad-cam'}
 for _m in GRAD_METHODS: GOALS[_m] = '<= 1.0x fastest peer, <= 0.45x pytorch-grad-cam'
 
@@ -263,12 +274,14 @@ def speed(quick:bool, rounds:int|None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--quick', action='store_true', help='small models and inputs, 2 rounds (about a minute)')
-    p.add_argument('--part', choices=['all', 'agree', 'speed'], default='all')
+    p.add_argument('--part', choices=['all', 'agree', 'speed', 'seg'], default='all',
+                   help='seg: only the Seg-Grad-CAM rows (a fastai U-Net vs SemanticSegmentationTarget), both tables')
     p.add_argument('--rounds', type=int, default=None)
     add_common_args(p)
     a = p.parse_args(argv)
     setup(a)
     if a.part in ('all', 'agree'): agreement(a.quick)
     if a.part in ('all', 'speed'): speed(a.quick, a.rounds)
+    if a.part == 'seg': seg_tables(a.quick, a.rounds or (2 if a.quick else 3))
 
 if __name__ == '__main__': main()

@@ -12,9 +12,8 @@ from fastcore.basics import store_attr, getcallable
 from fastai.callback.core import GatherPredsCallback
 from fastai.callback.hook import HookCallback
 from .core import *
-from .methods import get_method, minmax, upsample
+from .methods import get_method, minmax, upsample, blank_maps
 from .targets import takes_items, RegionTarget, ClassTarget
-from .methods import blank_maps
 from dataclasses import dataclass
 
 # %% auto #0
