@@ -354,8 +354,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
         cls = cls if tcls is None else tcls
     files,root = collect_images(paths, exclude=out)
     if not files: raise FileNotFoundError(f"No image files found in {' '.join(map(str, _expand_args(paths)))}")
-    probe = lambda: learn.dls.test_dl([next(f for f in files if check_image(f) is None)]).one_batch()[:getattr(learn.dls, 'n_inp', 1)]
-    prepare(learn.model, method, layer, target, x=probe)       # a model that no rule covers is traced on one image
+    prepare(learn.model, method, layer, target, x=lambda: _probe(learn, files))   # a model no rule covers: traced on one image
     colormap_lut(cmap)
     if format not in ('png', 'jpg', 'jpeg'): raise ValueError(f"Unknown overlay format {format!r}: use 'png' or 'jpg'.")
     ovs = overlay_names(files, root, '.png' if format == 'png' else '.jpg')
@@ -394,6 +393,12 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
     finally:
         if ex is not None: ex._pool.shutdown()
         if init_here: torch.distributed.destroy_process_group()
+
+def _probe(learn, files):
+    "A batch of the first readable image, to trace a model whose layer no rule finds"
+    f = next((f for f in files if check_image(f) is None), None)
+    if f is None: raise FileNotFoundError("None of the files is a readable image to find the model's layer with: pass --layer.")
+    return learn.dls.test_dl([f]).one_batch()[:getattr(learn.dls, 'n_inp', 1)]
 
 def _merge(ex, out, rank, world, dev, n_ok, n_files, save_maps):
     "Each rank writes partial files; rank 0 merges them into `predictions.csv` (and `maps.npz`) and removes them"
