@@ -187,9 +187,11 @@ class CAMResult:
         return [self.vocab[c] for c in self.classes.tolist()] if self.vocab else self.classes.tolist()
     @property
     def pred_labels(self)->list:
-        "The predicted (argmax) class of each item"
+        "The predicted (argmax) class of each item; segmentation: the classes present in its prediction"
+        lbl = lambda c: self.vocab[c] if self.vocab else c
+        if self.preds.ndim > 2: return [[lbl(c) for c in p.unique().tolist()] for p in self.preds]
         p = self.preds.argmax(-1).tolist()
-        return [self.vocab[c] for c in p] if self.vocab else p
+        return [lbl(c) for c in p]
     def __repr__(self):
         return (f"CAMResult({len(self)} maps {tuple(self.raw.shape[1:])} -> {tuple(self.size)}, method={self.method!r}, "
                 f"layer={self.layer!r}, items={len(self.preds)})")

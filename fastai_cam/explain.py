@@ -284,14 +284,14 @@ class _Explainer:
         titles,blank = cam_titles(res), res.blank.tolist()
         if res.kind == 'points': labels = [t.split()[0] for t in titles]                  # x0, y0, x1, ...
         seg = res.kind == 'segmentation' and res.preds.ndim > 2
+        present = res.pred_labels if seg else None                                        # the classes of each image
         names = [_map_name(ovs[k], l) for k,l in zip(items.tolist(), labels)]
         for j,k in enumerate(items.tolist()):
             row = dict(file=str(files[k]), overlay=str(names[j]), cls=labels[j], cls_prob=f"{float(res.probs[j]):.6f}",
                        method=res.method, layer=res.layer, error='')
             if res.kind == 'points': row['cls_prob'] = f"{float(_px(res, res.classes[j:j+1].cpu(), res.probs[j:j+1].cpu())):.6f}"
             if seg:
-                codes = res.preds[k].unique().tolist()
-                row.update(pred=' '.join(str(res.vocab[c]) if res.vocab else str(c) for c in codes),
+                row.update(pred=' '.join(str(c) for c in present[k]),
                            cls_prob=f"{float((res.preds[k] == res.classes[j]).float().mean()):.6f}")   # its share of the pixels
             self.rows.append(row)
             if self.save_maps: self.maps[f"{files[k]}:{labels[j]}"] = raw[j]
