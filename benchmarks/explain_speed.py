@@ -2,8 +2,8 @@
 
 1. images/second of `explain` (CAM maps + overlay PNGs + predictions.csv) over 256 images (224x224, an exported
    resnet34 learner, pretrained=False, CPU) vs `learn.get_preds` on the same files and batch size, printed as a
-   ratio (goal: explain within 1.3x of get_preds). Runs alternate and the best of `--reps` is kept, as the machine
-   is shared and noisy.
+   ratio (goal: explain within 1.3x of get_preds), and the same with `--html` (report.html too; issue 14: still
+   within 1.3x). Runs alternate and the best of `--reps` is kept, as the machine is shared and noisy.
 2. peak RSS of `learn.cam(dl=...)` over 2,000 images minus over 200 (goal: < 50 MB), each in a fresh subprocess
    reading `ru_maxrss`.
 
@@ -55,23 +55,24 @@ def speed(d:Path, n:int, bs:int, reps:int):
     print(f"speed: {n} images {224}x{224}, resnet34 (pretrained=False), bs={bs}, {torch.get_num_threads()} threads, CPU")
     def preds():
         with learn.no_bar(): learn.get_preds(dl=learn.dls.test_dl(files, bs=bs, num_workers=0))
-    def explain():
+    def explain(html=False):
         out = Path(tempfile.mkdtemp(dir=d))
-        rows,n_ok,_ = explain_run(learn, files, out, bs=bs, progress=False)
-        assert n_ok == n
+        rows,n_ok,_ = explain_run(learn, files, out, bs=bs, progress=False, html=html)
+        assert n_ok == n and (out/'report.html').exists() == html
     def explain_cli():
         out = Path(tempfile.mkdtemp(dir=d))
         (out/'list.txt').write_text('\n'.join(map(str, files)))
         subprocess.run([sys.executable, '-m', 'fastai_cam.explain', str(model), f"@{out/'list.txt'}", '--out', str(out),
                         '--bs', str(bs), '-q'], check=True, env=ENV)
     preds()     # warm up (first forward of a shape is slower)
-    t = {'get_preds': [], 'explain': []}
+    t = {'get_preds': [], 'explain': [], 'explain --html': []}
     for _ in range(reps):
-        for k,f in (('get_preds', preds), ('explain', explain)):
+        for k,f in (('get_preds', preds), ('explain', explain), ('explain --html', lambda: explain(html=True))):
             t0 = time.perf_counter(); f(); t[k].append(time.perf_counter() - t0)
     best = {k: min(v) for k,v in t.items()}
-    for k,v in best.items(): print(f"  {k:10s} {n/v:7.1f} images/s  (best of {reps}: {v:.2f}s; all: {', '.join(f'{x:.2f}' for x in t[k])})")
+    for k,v in best.items(): print(f"  {k:14s} {n/v:7.1f} images/s  (best of {reps}: {v:.2f}s; all: {', '.join(f'{x:.2f}' for x in t[k])})")
     print(f"  ratio explain/get_preds time: {best['explain']/best['get_preds']:.2f}x  (goal: <= 1.3x)")
+    print(f"  ratio explain --html/get_preds time: {best['explain --html']/best['get_preds']:.2f}x  (goal: <= 1.3x)")
     t0 = time.perf_counter(); explain_cli(); tc = time.perf_counter() - t0
     print(f"  the command, `python -m fastai_cam.explain` in a new process: {tc:.1f}s for {n} images "
           f"({n/tc:.1f} images/s, including imports and loading the model)")

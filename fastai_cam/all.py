@@ -8,7 +8,8 @@ Docs: https://fastai-cam.github.io/fastai_cam/all.html.md"""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #20203532
-from . import methods, layouts, targets, core, callback, learner, interpret, metrics, data
+from . import methods, layouts, targets, core, callback, learner, interpret, metrics, data, load, app, tracker
+from . import faithfulness as _faithfulness   # the module; `faithfulness` is also its function
 from .methods import *
 from .layouts import *
 from .targets import *
@@ -18,6 +19,10 @@ from .learner import *
 from .interpret import *
 from .metrics import *
 from .data import *
+from .load import *
+from .app import *     # `Learner.cam_app`; Gradio is imported only when an app is built
+from .tracker import *
+from .faithfulness import *
 
 # %% ../nbs/99_all.ipynb #538f6b5f
-__all__ = [n for m in (methods, layouts, targets, core, callback, learner, interpret, metrics, data) for n in m.__all__]
+__all__ = [n for m in (methods, layouts, targets, core, callback, learner, interpret, metrics, data, load, app, tracker, _faithfulness) for n in m.__all__]

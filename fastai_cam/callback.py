@@ -210,15 +210,16 @@ class CAMCallback(HookCallback):
                  maps_dtype=torch.float32, # dtype of the gathered raw maps (float16 halves memory over a big dl)
                  target=None, # what to explain instead of a class: `f(out)` or `f(out, items=None)` -> (B,) or (B,T) scores
                  reshape=None, # a function from the layer's output to (B,K,*grid), for layouts not recognised
+                 device_bytes:int=2**30, # gathered maps stay on the model's device up to this many bytes, then go to the CPU
                 ):
         super().__init__(modules=None, remove_end=True, is_forward=True, detach=True, cpu=False)
         get_method(method)
-        store_attr('method,layer,cls,batch_size,keep_inputs,gather_inputs,maps_dtype,target,reshape')
+        store_attr('method,layer,cls,batch_size,keep_inputs,gather_inputs,maps_dtype,target,reshape,device_bytes')
         self._hook,self.result,self.cam_acts,self.cam_inputs = None,None,None,None
 
     @property
     def name(self): return 'cam_cb'
-    def _predicting(self): return any(isinstance(c, GatherPredsCallback) for c in self.learn.cbs)
+    def _predicting(self): return getattr(self, '_always', False) or any(isinstance(c, GatherPredsCallback) for c in self.learn.cbs)
 
     def before_fit(self): self._remove()          # inert in fit: HookCallback's hooks on every module are not wanted
     def before_validate(self):
@@ -227,7 +228,7 @@ class CAMCallback(HookCallback):
         n_inp = getattr(self.learn.dls, 'n_inp', 1)       # a batch to trace, only for a model that no rule covers
         self._meth,self._lname,mod,self._head = prepare(self.learn.model, self.method, self.layer, self._target,
                                                         x=lambda: self.learn.dl.one_batch()[:n_inp])
-        self._acc,self._preds,self._targs,self._inps,self._n = [],[],[],[],0
+        self._acc,self._preds,self._targs,self._inps,self._n,self._bytes = [],[],[],[],0,0
         self._hook = LayerHook(mod, grad=self._meth.needs_grad, name=self._lname).__enter__()
 
     def before_batch(self):
@@ -263,6 +264,8 @@ class CAMCallback(HookCallback):
         probs = getcallable(self.learn.loss_func, 'activation')(out.logits.float())
         expl = probs[out.items, out.classes] if self._target is None else out.scores
         self._acc.append((out.maps.to(self.maps_dtype), out.items + self._n, out.classes, expl))
+        self._bytes += self._acc[-1][0].nbytes
+        if self._bytes > self.device_bytes and out.maps.device.type != 'cpu': self._offload()
         self._preds.append(_compact_preds(probs))
         if len(self.learn.yb): self._targs.append(self.learn.yb[0].detach())
         if self.gather_inputs: self._inps.append(xb[0].detach().cpu())
@@ -271,16 +274,22 @@ class CAMCallback(HookCallback):
         if self.keep_inputs: self.cam_inputs = xb[0].detach()
         self._n += len(xb[0])
 
+    def _offload(self):
+        "Move the maps gathered so far to the CPU (past `device_bytes` on a GPU)"
+        self._acc = [tuple(t.cpu() for t in a) for a in self._acc]
+        self._preds,self._bytes = [p.cpu() for p in self._preds],0
+
     def after_validate(self):
         if self._hook is None: return
         self._remove()
         if self._acc: self.result = self._make_result()
 
     def _make_result(self):
-        raw,items,classes,probs = (torch.cat(t) for t in zip(*self._acc))
+        dev = self._acc[-1][0].device                                   # the last batch's: after an offload, the CPU's
+        raw,items,classes,probs = (torch.cat([t.to(dev) for t in ts]) for ts in zip(*self._acc))
         inputs = torch.cat(self._inps) if self.gather_inputs else (
                  self.cam_inputs if self.keep_inputs and self._n == len(self.cam_inputs) else None)
-        return CAMResult(raw=raw, items=items, classes=classes, probs=probs.float(), preds=torch.cat(self._preds),
+        return CAMResult(raw=raw, items=items, classes=classes, probs=probs.float(), preds=torch.cat([p.to(dev) for p in self._preds]),
                          size=self._size, method=self._meth.name, layer=self._lname, vocab=learner_vocab(self.learn),
                          targets=torch.cat(self._targs) if self._targs else None, inputs=inputs, dls=self.learn.dls,
                          kind=learner_task(self.learn))

@@ -14,6 +14,8 @@ from .data import demo_learner
 from .metrics import pointing_game, energy_pointing_game
 from .learner import *   # `Learner.cam`, `Learner.show_cam`
 from .explain import add_explain_args, explain_main
+from .faithfulness import add_evaluate_args, evaluate_main
+from .app import add_app_args, app_main   # Gradio is imported only when an app is built
 
 # %% auto #0
 __all__ = ['add_demo_args', 'demo', 'demo_main', 'make_parser', 'main']
@@ -98,6 +100,14 @@ def make_parser()->argparse.ArgumentParser: # the parser that `main` uses
                        description="Write a class activation map overlay of each image and predictions.csv, "
                        "with an exported fastai learner")
     add_explain_args(e).set_defaults(func=explain_main)
+    v = sub.add_parser('evaluate', help="score CAM methods with faithfulness metrics (deletion, insertion, ROAD, ...)",
+                       description="Score CAM methods and baselines on images with an exported fastai learner: write "
+                       "DIR/report.csv, DIR/report.md and DIR/curves.png")
+    add_evaluate_args(v).set_defaults(func=evaluate_main)
+    a = sub.add_parser('app', help="a web page (Gradio) with an exported learner's predictions and maps",
+                       description="Serve a web page with an exported learner's top-k predictions and the class "
+                       "activation map of any class, method and layer (needs: pip install \"fastai-cam[app]\")")
+    add_app_args(a).set_defaults(func=app_main)
     # New subcommands go here: sub.add_parser('NAME', ...), add_NAME_args(it), .set_defaults(func=NAME_main)
     return p
 

@@ -357,8 +357,8 @@ def scorecam_scores(model:nn.Module, # the model, hook inactive
     N,K = len(items), A.shape[1]
     size = tuple(x.shape[2:])
     flat = A.flatten(2)[items]
-    live = flat.amax(-1) > flat.amin(-1)                          # (N,K); a constant channel's mask is all zeros
-    pi,ki = live.nonzero(as_tuple=True)                           # the pairs that need their own masked forward
+    lo,hi = flat.aminmax(dim=-1)
+    pi,ki = (hi > lo).nonzero(as_tuple=True)                      # the pairs that need their own masked forward (one sync)
     scores = torch.empty(N, K, device=A.device)
     if channels_last is None: channels_last = x.device.type == 'cpu' and x.ndim == 4 and math.prod(size) >= 96*96
     nhwc = channels_last and x.ndim == 4
@@ -370,10 +370,9 @@ def scorecam_scores(model:nn.Module, # the model, hook inactive
         return model(inp)
     def score(out, p): return target_scores(target, out, items[p])[torch.arange(len(p), device=A.device), classes[p]].float()
     with torch.no_grad(), hooks_paused(), masked_passes():        # the masked passes are not predictions: no hook acts
-        if not bool(live.all()):
-            pd = (~live).any(1).nonzero().squeeze(1)              # targets with a constant channel: one zero image for all
-            one = lambda t: t.expand(len(pd), *t.shape[1:]) if t.ndim and len(t) == 1 else t
-            scores[pd] = score(_map_tensors(one, fwd(torch.zeros_like(x[:1]))), pd)[:,None].expand(-1, K)
+        if len(pi) < N*K:                                         # constant channels: the zero image, one forward for all
+            one = lambda t: t.expand(N, *t.shape[1:]) if t.ndim and len(t) == 1 else t
+            scores[:] = score(_map_tensors(one, fwd(torch.zeros_like(x[:1]))), torch.arange(N, device=A.device))[:,None]
         rng = range(0, len(pi), batch_size)
         for s in (pbar(rng) if pbar else rng):
             p,k = pi[s:s+batch_size], ki[s:s+batch_size]
@@ -454,21 +453,25 @@ def _rounds(items:Tensor)->list:
     rank = torch.empty_like(order); rank[order] = idx - first_pos
     return [(rank == r).nonzero().squeeze(1) for r in range(int(rank.max().item()) + 1)]
 
-def _grads(table, leaf, items, cols, name, retain_graph=False):
+def _grads(table, leaf, items, cols, name, retain_graph=False, rounds=None):
     "dS/dA for each (item, column) pair of the score `table`, one backward per round of distinct items; (N,*leaf.shape[1:])"
-    rounds = _rounds(items)
-    G = torch.empty((len(items),) + tuple(leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device)
+    if rounds is None: rounds = _rounds(items)
     if torch.is_inference_mode_enabled() or leaf.is_inference():
         raise RuntimeError("Gradient methods cannot run under torch.inference_mode(): use torch.no_grad() (or a "
                            "gradient-free method: 'cam', 'scorecam', 'eigencam').")
     unused = LayerError(f"The model's output does not depend on layer {name!r}: choose a layer on the path to the output.")
     if not table.requires_grad: raise unused
     for r,sel in enumerate(rounds):
-        with torch.enable_grad(): score = table[items[sel], cols[sel]].sum()
+        with torch.enable_grad():                                  # `None`: every item once, in order
+            score = (table.gather(1, cols[:,None]) if sel is None else table[items[sel], cols[sel]]).sum()
         g, = torch.autograd.grad(score, leaf, retain_graph=retain_graph or r < len(rounds)-1, allow_unused=True)
         if g is None: raise unused
+        if sel is None: return g
+        if r == 0: G = g.new_empty((len(items),) + tuple(leaf.shape[1:]))
         G[sel] = g[items[sel]]
-    return G
+    return G if rounds else leaf.new_empty((0,) + tuple(leaf.shape[1:]))
+
+_head_checked = weakref.WeakKeyDictionary()   # model -> the (layer, head) pairs that `check_head` passed
 
 def _main_output(out):
     try: return model_output(out).detach()
@@ -496,10 +499,13 @@ def finish_cams(meth:Method, # the method, from `prepare`
     with torch.set_grad_enabled(meth.needs_grad): sel = select(out, cls, target)   # a target's ops go on the graph
     A = layout(raw.detach())
     if meth.name == 'cam':
-        check_head(head, raw.detach(), sel.table.detach(), name)
+        key = (id(hook.module),) + tuple(id(m) for m in head)
+        if model is None or key not in _head_checked.get(model, ()):     # once per model, layer and head: it reads the device
+            check_head(head, raw.detach(), sel.table.detach(), name)
+            if model is not None: _head_checked.setdefault(model, set()).add(key)
         maps = cam_from_head(head, raw.detach(), sel.items, sel.cols, layout)
     elif meth.needs_grad:
-        G = layout(_grads(sel.table, raw, sel.items, sel.cols, name, retain_graph))
+        G = layout(_grads(sel.table, raw, sel.items, sel.cols, name, retain_graph, sel.rounds))
         maps = meth.fn(A[sel.items], G)
     elif meth.name == 'scorecam':
         maps = scorecam(A[sel.items], scorecam_scores(model, x, A, sel.items, sel.cols, batch_size, pbar, target=sel.target))

@@ -14,17 +14,20 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from fastprogress.fastprogress import progress_bar
-from fastai.learner import Learner, load_learner
+from fastai.learner import Learner
 from fastai.data.transforms import get_files, image_extensions
 from .core import prepare
 from .methods import METHODS
 from .callback import is_multilabel, learner_vocab, class_index, learner_task, Columns
 from .targets import ClassTarget, RegionTarget, RegressionTarget, PointTarget, OutputField
 from .learner import _default, _method, _px, cam_titles  # and `Learner.cam`
+from .load import load_cam_learner, add_import_arg
+from .report import report_html
 
 # %% auto #0
-__all__ = ['EXPLAIN_COLUMNS', 'collect_images', 'overlay_names', 'atomic_write', 'colormap_lut', 'blend_cams', 'draw_title',
-           'check_image', 'dist_env', 'parse_target', 'explain_run', 'explain', 'add_explain_args', 'explain_main']
+__all__ = ['EXPLAIN_COLUMNS', 'collect_images', 'overlay_names', 'atomic_write', 'colormap_lut', 'blend_cams', 'decoded_images',
+           'draw_title', 'check_image', 'dist_env', 'parse_target', 'explain_run', 'explain', 'add_explain_args',
+           'explain_main']
 
 # %% ../nbs/07_explain.ipynb #0bf404aa
 def _expand_args(paths)->list:
@@ -120,6 +123,19 @@ def blend_cams(imgs:np.ndarray, # (N,H,W,3) or (N,H,W,1) uint8 images
     rest = imgs.astype(np.uint16); rest *= 256 - a
     out += rest; out += 128; out >>= 8
     return out.astype(np.uint8)
+
+# %% ../nbs/07_explain.ipynb #22c38f19
+def decoded_images(learn:Learner, # the learner whose transforms made `xb`
+                   xb:Tensor, # a batch of images as the model takes it (N,C,H,W)
+                  )->np.ndarray: # (N,H,W,3) uint8
+    "The batch `xb` as the model sees it, decoded by the learner's transforms: (N,H,W,3) uint8 RGB"
+    imgs = torch.as_tensor(learn.dls.decode((xb,))[0]).detach().cpu()
+    if imgs.is_floating_point():
+        if imgs.max() <= 1: imgs = imgs * 255     # no `IntToFloatTensor` to undo
+        imgs = imgs.round()
+    imgs = imgs.clamp(0, 255).to(torch.uint8)
+    if imgs.shape[1] == 1: imgs = imgs.expand(-1, 3, -1, -1)
+    return imgs.permute(0, 2, 3, 1).numpy()
 
 # %% ../nbs/07_explain.ipynb #77a29035
 def draw_title(img:Image.Image, # an RGB image, drawn on in place
@@ -262,17 +278,15 @@ class _Explainer:
             if len(files) == 1: return self.error(files[0], f"{type(e).__name__}: {e}")
             for f,ov in zip(files, ovs): self.run([f], [ov])   # find the file that spoils the batch
             return
-        imgs = torch.as_tensor(self.learn.dls.decode((res.inputs,))[0]).cpu()
-        if imgs.is_floating_point():
-            if imgs.max() <= 1: imgs = imgs * 255   # no `IntToFloatTensor` to undo
-            imgs = imgs.round()
-        imgs = imgs.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        imgs = decoded_images(self.learn, res.inputs)
         if not self._one_each(res, files): return self._run_maps(files, ovs, res, imgs)
         pred_prob,pred_lbl = res.preds.cpu().max(-1)[0].tolist(), res.pred_labels
         labels,probs,raw = res.labels, res.probs.cpu().tolist(), res.raw.cpu().float().numpy()
+        preds = res.preds.cpu().float().numpy()   # each item's probabilities: the HTML report's loss (not in the CSV)
         for k,(f,ov) in enumerate(zip(files, ovs)):
             self.rows.append(dict(file=str(f), overlay=str(ov), pred=pred_lbl[k], pred_prob=f"{pred_prob[k]:.6f}",
-                                  cls=labels[k], cls_prob=f"{probs[k]:.6f}", method=res.method, layer=res.layer, error=''))
+                                  cls=labels[k], cls_prob=f"{probs[k]:.6f}", method=res.method, layer=res.layer, error='',
+                                  probs=preds[k]))
             if self.save_maps: self.maps[str(f)] = raw[k]
         titles = [f"{l} {p:.2f}" for l,p in zip(labels, probs)] if self.title else None
         self.wait()   # at most one batch of overlays being written while the next one is computed
@@ -337,6 +351,8 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
                 num_workers:int=0, # processes decoding images (the `DataLoader`'s)
                 chunk:int|None=None, # images per `learn.cam` call (default: `bs`)
                 log=None, # where to report unreadable files (default: print to stderr)
+                imports=(), # code that an exported learner needs: `.py` files or module names (see `load_cam_learner`)
+                html:bool=False, # also write `out/report.html`, a page of the overlays to filter and sort (rank 0)
                )->tuple:
     "Explain the images of `paths` into `out`; returns `(rows, n_ok, n_files)`"
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -344,7 +360,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
     rank,world,local_rank = dist_env()
     dev = _device(device, local_rank)
     # everything that can be checked without images is checked first
-    learn = model if isinstance(model, Learner) else load_learner(model, cpu=True)
+    learn = model if isinstance(model, Learner) else load_cam_learner(model, imports=imports)
     if dev.type != 'cpu': learn.dls.to(dev); learn.model.to(dev)
     method,layer = _method(learn, method), _default(learn, 'layer', layer, None)   # an attached CAMCallback's
     cls = _parse_cls(learn, cls)
@@ -388,8 +404,11 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
             rows = sorted(ex.rows, key=lambda r: r['file'])
             _write_csv(out/'predictions.csv', rows)
             if save_maps: _write_npz(out/'maps.npz', ex.maps)
-            return rows, n_ok, len(files)
-        return _merge(ex, out, rank, world, dev, n_ok, len(files), save_maps)
+            res = rows, n_ok, len(files)
+        else: res = _merge(ex, out, rank, world, dev, n_ok, len(files), save_maps)
+        if html and rank == 0:
+            with atomic_write(out/'report.html', 'w') as f: f.write(report_html(res[0], learner_vocab(learn)))
+        return res
     finally:
         if ex is not None: ex._pool.shutdown()
         if init_here: torch.distributed.destroy_process_group()
@@ -441,6 +460,7 @@ def add_explain_args(p:argparse.ArgumentParser, # the parser (or subparser) that
                    "a text file with one path a line (relative to the current directory; @- reads standard input)")
     p.add_argument('-o', '--out', required=True, help="output folder: an overlay PNG per image (keeping the folder "
                    "structure under the inputs' common folder), predictions.csv, maps.npz")
+    add_import_arg(p)   # --import helpers.py: the code the learner needs
     p.add_argument('--method', default=None, help=f"CAM method, one of: {', '.join(METHODS)} (default: cam; gradcam "
                    "for a segmentation learner)")
     p.add_argument('--layer', default=None, help="dotted name of the layer (default: the one feeding the pooling head; "
@@ -463,6 +483,8 @@ def add_explain_args(p:argparse.ArgumentParser, # the parser (or subparser) that
                    "not rewritten, their row kept from the previous predictions.csv")
     p.add_argument('--format', choices=['png', 'jpg'], default='png', help="overlay image format (default: png; "
                    "jpg is much faster to write)")
+    p.add_argument('--html', action='store_true', help="also write OUT/report.html: a page of the overlays with "
+                   "their predictions (right or wrong, for images in folders named after classes), to filter and sort")
     p.add_argument('--no-title', action='store_true', help="do not write the label and probability on the overlays")
     p.add_argument('-q', '--quiet', action='store_true', help="no progress bar and no summary")
     return p
@@ -472,16 +494,14 @@ def explain_main(args:argparse.Namespace, # parsed by a parser that `add_explain
                 )->int: # 0: some images explained; 1: none could be; 2: a mistake in the command
     "Run `fastai-cam explain` with parsed `args`; returns the exit status"
     err = lambda m: print(f"fastai-cam explain: {m}", file=sys.stderr, flush=True)
-    if not Path(args.model).is_file():
-        err(f"error: no model file {args.model!r} (export one with learn.export())"); return 2
     t0 = time.time()
     try:
         rows,n_ok,n = explain_run(args.model, args.paths, args.out, method=args.method, layer=args.layer, cls=args.cls,
                                   target=args.target,
                                   alpha=args.alpha, cmap=args.cmap, bs=args.bs, device=args.device,
                                   save_maps=args.save_maps, skip_existing=args.skip_existing, title=not args.no_title,
-                                  format=args.format,
-                                  progress=not args.quiet, num_workers=args.num_workers)
+                                  format=args.format, html=args.html,
+                                  progress=not args.quiet, num_workers=args.num_workers, imports=args.imports)
     except (ValueError, IndexError, FileNotFoundError) as e:
         err(f"error: {e}"); return 2
     if n_ok == 0:

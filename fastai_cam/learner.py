@@ -6,7 +6,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/learner.html.md"""
 
 # %% ../nbs/03_learner.ipynb #b4b99d4c
 from __future__ import annotations
-import threading, weakref, warnings
+import threading, weakref, queue, warnings
 from pathlib import Path
 from contextlib import nullcontext, contextmanager
 import numpy as np
@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 from fastcore.basics import patch, first
 from fastcore.xtras import is_listy
 from fastai.learner import Learner
+from fastai.data.load import DataLoader
 from fastai.torch_core import show_image
 from fastai.vision.data import get_grid
 from .core import *
@@ -59,6 +60,47 @@ def _one_thread(learn):
         if owner is None:
             with _busy_lock: _busy.pop(learn, None)
 
+_END = object()
+
+class _Batches:
+    "`dl`'s batches as inputs only (targets kept aside, on their device), each prepared in a thread while the model runs the previous one"
+    prefetch = True   # False: the batches are made in the loop itself (tools/gpu_check.py measures both)
+    def __init__(self, dl, n_inp:int): self.dl,self.n_inp,self.targets = dl,n_inp,[]
+    def __len__(self): return len(self.dl)
+    def one_batch(self): return tuple(self.dl.one_batch()[:self.n_inp])   # for a callback that traces the model once
+    def _split(self, b):
+        if len(b) > self.n_inp: self.targets.append(b[self.n_inp])
+        return tuple(b[:self.n_inp])                                   # no targets: no loss, no metric, no host sync
+    def __iter__(self):
+        if not self.prefetch:
+            for b in self.dl: yield self._split(b)
+            return
+        q,stop = queue.Queue(maxsize=2), threading.Event()
+        dev = getattr(self.dl, 'device', None)
+        side = torch.cuda.Stream(dev) if dev is not None and torch.device(dev).type == 'cuda' else None
+        def put(v):
+            while not stop.is_set():
+                try: q.put(v, timeout=0.1); return True
+                except queue.Full: pass
+            return False
+        def produce():
+            try:
+                with torch.cuda.stream(side) if side is not None else nullcontext():   # the transfer overlaps the compute
+                    for b in self.dl:
+                        if not put(b): return
+            except BaseException as e: put(e); return
+            put(_END)
+        th = threading.Thread(target=produce, daemon=True, name='fastai_cam-batches'); th.start()
+        try:
+            while (b := q.get()) is not _END:
+                if isinstance(b, BaseException): raise b
+                if side is not None:                                   # use the batch only when its copy is done
+                    cur = torch.cuda.current_stream(dev); cur.wait_stream(side)
+                    for t in b:
+                        if isinstance(t, Tensor): t.record_stream(cur)
+                yield self._split(b)
+        finally: stop.set(); th.join()
+
 def _warn_blank(res):
     "Say how many maps are all zero (drawn as the image alone, their titles noted)"
     if res is not None and (nb := int(res.blank.sum())):
@@ -95,11 +137,16 @@ def cam(self:Learner,
         if with_input is None: with_input = True
     cb = CAMCallback(method, layer, cls, batch_size=batch_size, keep_inputs=False, gather_inputs=bool(with_input),
                      maps_dtype=maps_dtype, target=target, reshape=reshape)
+    cb._always = True                                       # active in this validation loop, with no `GatherPredsCallback`
+    if isinstance(dl, DataLoader) and (dl.shuffle or dl.drop_last): dl = dl.new(shuffle=False, drop_last=False)
+    batches = _Batches(dl, getattr(self.dls, 'n_inp', 1))
     attached = [c for c in self.cbs if isinstance(c, CAMCallback)]
     with _one_thread(self), self.removed_cbs(attached), (self.no_bar() if items is not None else nullcontext()):
-        self.get_preds(dl=dl, cbs=[cb])                       # a progress bar for loaders only
-    _warn_blank(cb.result)
-    return cb.result
+        with self.validation_context(cbs=[cb]): self._do_epoch_validate(dl=batches)   # a progress bar for loaders only
+    res = cb.result
+    if res is not None and batches.targets: res.targets = torch.cat(batches.targets)
+    _warn_blank(res)
+    return res
 
 # %% ../nbs/03_learner.ipynb #c411682d
 class count_forwards:

@@ -92,16 +92,36 @@ def _full_fp32_matmul():
     try: yield
     finally: torch.set_float32_matmul_precision(was)
 
+def _top_pc_squaring(X:Tensor, squarings:int=10, polish:int=2)->Tensor:
+    "`X v1` from repeated squaring of the smaller Gram matrix in float32: fixed work, no float64, no host sync (the GPU route)"
+    tiny = torch.finfo(torch.float32).tiny
+    def _unit(t, dim): return t / t.norm(dim=dim, keepdim=True).clamp_min(tiny)
+    X = X.float()
+    rows = X.shape[1] <= X.shape[2]                       # n <= K: the (n,n) Gram, whose top eigenvector is u1
+    M = X @ X.transpose(1,2) if rows else X.transpose(1,2) @ X
+    tr = lambda P: P.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(tiny)[:,None,None]
+    P = M / tr(M)
+    for _ in range(squarings): P = P @ P; P = P / tr(P)  # P -> v1 v1^T: the other eigenvalues vanish as (l_i/l_1)^(2^s)
+    j = P.diagonal(dim1=1, dim2=2).argmax(-1)
+    v = _unit(P.gather(2, j[:,None,None].expand(-1, P.shape[1], 1)), 1)   # its largest column
+    for _ in range(polish): v = _unit(M @ v, 1)         # a few power steps with the Gram itself
+    if rows: return (v * (v.transpose(1,2) @ M @ v).clamp_min(0).sqrt()).squeeze(-1)   # X v1 = s1 u1
+    return (X @ v).squeeze(-1)
+
 def top_pc(X:Tensor, # centred data (N, n, K): n samples of K features per item
            q:int=8, # width of the iterated subspace
            max_iter:int=60, # iterations before the exact fallback
            tol:float=1e-5, # bound on the sine of the angle to the true first direction
            exact_below:int=64, # use the exact Gram route when min(n, K) is at most this
+           sync_free:bool|None=None, # fixed work in float32, no host sync (repeated squaring); None: on a GPU
           )->Tensor: # projections `X v1`, (N, n), sign arbitrary
     "Projection of each item of `X` on its first principal direction, without a full SVD"
     N,n,K = X.shape
-    if min(n,K) <= exact_below: return _top_pc_gram(X)
-    with _full_fp32_matmul(): return _top_pc_iter(X, q, max_iter, tol)
+    if sync_free is None: sync_free = X.device.type != 'cpu'
+    with _full_fp32_matmul():
+        if sync_free: return _top_pc_squaring(X)
+        if min(n,K) <= exact_below: return _top_pc_gram(X)
+        return _top_pc_iter(X, q, max_iter, tol)
 
 def _top_pc_iter(X, q, max_iter, tol):
     "Block power iteration with Rayleigh-Ritz for `top_pc`; items that do not pass the residual test take the Gram route"
@@ -144,12 +164,11 @@ def minmax(maps:Tensor, # (..., *grid): the last `dims` axes are the map
           )->Tensor:
     "Min-max normalise each map over its last `dims` axes to [0,1]; a constant map becomes zeros, never NaN"
     flat = maps.float().flatten(-dims) if dims > 1 else maps.float()
-    lo,hi = flat.min(-1, keepdim=True)[0], flat.max(-1, keepdim=True)[0]
+    lo,hi = flat.aminmax(dim=-1, keepdim=True)
     rng = hi - lo
     # relative threshold: upsampling a constant map leaves float rounding noise that must not be stretched to [0,1]
-    const = rng <= rtol*torch.maximum(hi.abs(), lo.abs()) + 1e-30
-    out = torch.where(const, torch.zeros_like(flat), (flat - lo)/torch.where(const, torch.ones_like(rng), rng))
-    return out.view_as(maps)
+    rng = torch.where(rng <= rtol*torch.maximum(hi.abs(), lo.abs()) + 1e-30, torch.inf, rng)   # constant: (x-lo)/inf = 0
+    return (flat - lo).div_(rng).view_as(maps)      # three passes over the maps: aminmax, subtract, divide
 
 _MODES = {1:'linear', 2:'bilinear', 3:'trilinear'}
 

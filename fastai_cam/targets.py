@@ -79,29 +79,41 @@ def check_cls(cls, # the class choice: None, an int, a callable, or one class (o
                          "per item, a single int for all, or None for the predicted class.")
 
 # %% ../nbs/01b_targets.ipynb #14e760ef
+def _long(xs, dev): return torch.tensor(xs, dtype=torch.long).to(dev, non_blocking=True)   # built on the host: no device sync
+
+def _check_range(classes:list, C:int):
+    bad = [c for c in classes if not 0 <= c < C]
+    if bad: raise IndexError(f"Class index {bad[0]} is out of range: the model has {C} outputs (0..{C-1}).")
+
+def _choose(cls, table:Tensor)->tuple:
+    "`(items, classes, rounds)` for a class choice; `rounds` are the pairs of each backward pass (None: work them out)"
+    B,C = table.shape[0], table.shape[-1]
+    dev = table.device
+    check_cls(cls, B)
+    every = torch.arange(B, device=dev)
+    if callable(cls) and not isinstance(cls, Tensor):                      # chosen from the scores: data-dependent
+        items,classes = (torch.as_tensor(t, device=dev).long() for t in cls(table))
+        if len(classes) and (classes.min() < 0 or classes.max() >= C): _check_range(classes.tolist(), C)
+        return items, classes, None
+    if cls is None: return every, table.argmax(-1), [None]                 # one round over every item
+    if isinstance(cls, numbers.Integral) or (isinstance(cls, Tensor) and cls.ndim == 0):
+        _check_range([int(cls)], C)
+        return every, torch.full((B,), int(cls), device=dev), [None]
+    cls = cls.tolist() if isinstance(cls, Tensor) else list(cls)
+    if not any(isinstance(c, (list,tuple)) for c in cls):
+        cls = [int(c) for c in cls]; _check_range(cls, C)
+        return every, _long(cls, dev), [None]
+    per = [[int(c) for c in (cs if isinstance(cs,(list,tuple)) else [cs])] for cs in cls]
+    _check_range([c for cs in per for c in cs], C)
+    pairs = [(i,c,r) for i,cs in enumerate(per) for r,c in enumerate(cs)]
+    rounds = [_long([n for n,p in enumerate(pairs) if p[2] == r], dev) for r in range(max(map(len, per), default=0))]
+    return _long([p[0] for p in pairs], dev), _long([p[1] for p in pairs], dev), rounds
+
 def resolve_targets(cls, # None, an int, one class per item, a list of lists, or `f(logits) -> (items, classes)`
                     logits:Tensor, # the model's output (B,C)
                    )->tuple: # (items, classes), two long tensors of the same length N: one map each
     "Turn a class choice into `(items, classes)` index tensors on the logits' device (one map per pair)"
-    B,C = logits.shape[0], logits.shape[-1]
-    dev = logits.device
-    check_cls(cls, B)
-    if callable(cls) and not isinstance(cls, Tensor): items,classes = cls(logits)
-    elif cls is None:
-        items,classes = torch.arange(B, device=dev), logits.argmax(-1)
-    elif isinstance(cls, numbers.Integral) or (isinstance(cls, Tensor) and cls.ndim == 0):
-        items,classes = torch.arange(B, device=dev), torch.full((B,), int(cls), device=dev)
-    else:
-        cls = list(cls) if not isinstance(cls, Tensor) else cls.tolist()
-        if any(isinstance(c, (list,tuple)) for c in cls):
-            pairs = [(i,int(c)) for i,cs in enumerate(cls) for c in (cs if isinstance(cs,(list,tuple)) else [cs])]
-            items,classes = (torch.tensor([p[j] for p in pairs], device=dev, dtype=torch.long) for j in (0,1))
-        else: items,classes = torch.arange(B, device=dev), torch.tensor([int(c) for c in cls], device=dev)
-    items,classes = torch.as_tensor(items, device=dev).long(), torch.as_tensor(classes, device=dev).long()
-    if len(classes) and (classes.min() < 0 or classes.max() >= C):
-        raise IndexError(f"Class index {classes.max().item() if classes.max() >= C else classes.min().item()} is out "
-                         f"of range: the model has {C} outputs (0..{C-1}).")
-    return items, classes
+    return _choose(cls, logits)[:2]
 
 # %% ../nbs/01b_targets.ipynb #a38af30a
 @dataclass
@@ -111,6 +123,7 @@ class Selection:
     items:Tensor # (N,) the item of each map
     cols:Tensor # (N,) the column of `table` of each map: the class, for class logits
     target:Callable # scores other outputs of the model (Score-CAM's masked inputs) with `target_scores`
+    rounds:list|None=None # the pairs of each backward pass (distinct items in each; `[None]`: one pass, every item once)
     @property
     def scores(self)->Tensor:
         "The explained score of each map (N,), detached"
@@ -122,11 +135,13 @@ def select(out, # the model's output for a batch
           )->Selection:
     "Choose what to explain: `cls` picks columns of the target's score table (None: the predicted class, or every column of a `target`)"
     table = class_logits(out) if target is None else target_scores(target, out)
-    if target is not None and cls is None:
+    if target is not None and cls is None:                               # every column: one backward pass per column
         B,T = table.shape
-        items,cols = torch.arange(B, device=table.device).repeat_interleave(T), torch.arange(T, device=table.device).repeat(B)
-    else: items,cols = resolve_targets(cls, table.detach())
-    return Selection(table, items, cols, class_logits if target is None else target)
+        every = torch.arange(B, device=table.device)
+        items,cols = every.repeat_interleave(T), torch.arange(T, device=table.device).repeat(B)
+        rounds = [None] if T == 1 else [every*T + t for t in range(T)]
+    else: items,cols,rounds = _choose(cls, table.detach())
+    return Selection(table, items, cols, class_logits if target is None else target, rounds)
 
 # %% ../nbs/01b_targets.ipynb #93d95fa3
 class OutputField:

@@ -131,22 +131,68 @@ def bench(fns, reps=20, warmup=3):
     return {k: med(v) for k, v in interleaved(synced, reps, warmup).items()}
 
 @guarded
+def no_host_sync():
+    "Every method (Score-CAM excepted: it reads which masks are constant, once) and learn.cam(dl=) with the device in sync-debug 'error' mode"
+    if DEV != 'cuda': print("SKIP  sync-debug mode needs CUDA (tests/test_sync.py counts the same calls on the CPU)"); return
+    model = torchvision.models.resnet50(weights=None).cuda().eval().half().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 224, 224, device='cuda').half().contiguous(memory_format=torch.channels_last)
+    cam_maps(model, x, method='cam')                       # CAM checks its head once per model and layer
+    for m in [k for k in METHODS if k != 'scorecam']:
+        for cls in (None, 3, list(range(8)), [[0, 1]] + [[2]]*7):
+            torch.cuda.set_sync_debug_mode('error')
+            try: cam_maps(model, x, method=m, layer=None if m == 'cam' else 'layer2', cls=cls); ok, err = True, ''
+            except RuntimeError as e: ok, err = False, str(e).splitlines()[0]
+            finally: torch.cuda.set_sync_debug_mode(0)
+            check(f"no host sync  {m:9s} cls={str(cls)[:12]}", ok, err)
+    from fastai.vision.all import vision_learner, resnet18
+    dls = synth_image_dls(n=128, size=64, bs=16); dls.to(DEV)
+    learn = vision_learner(dls, resnet18, pretrained=False); learn.model.to(DEV)
+    with learn.no_bar(): learn.cam(dl=dls.valid, method='gradcam')
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        with learn.no_bar(): learn.cam(dl=dls.valid, method='gradcam'); ok, err = True, ''
+    except RuntimeError as e: ok, err = False, str(e).splitlines()[0]
+    finally: torch.cuda.set_sync_debug_mode(0)
+    check("no host sync  learn.cam(dl=) over 2 batches", ok, err)
+
+GOALS = {'cam@layer4': 1.10, 'gradcam@layer4': 1.20, 'gradcam@layer2': 1.60, 'eigencam@layer4': 1.50}   # issue 15
+
+@guarded
 def timings():
     model = torchvision.models.resnet50(weights=None).cuda().eval().half().to(memory_format=torch.channels_last)
+    for bs in (16, 64):
+        x = torch.randn(bs, 3, 224, 224, device='cuda').half().contiguous(memory_format=torch.channels_last)
+        def fwd():
+            with torch.no_grad(): model(x)
+        fns = {'forward': fwd, **{f'{m}@{l or "layer4"}': (lambda m=m, l=l: cam_maps(model, x, method=m, layer=l))
+               for m, l in [('cam', None), ('gradcam', None), ('gradcam', 'layer2'), ('layercam', 'layer2'),
+                            ('eigencam', None), ('eigencam', 'layer2')]}}
+        fns['cam + maps at input size'] = lambda: CAMResult(cam_maps(model, x), None, None, None, None, (224, 224), 'cam', '').maps
+        def eigen_tf32():   # TF32 matmuls switched on, as many users do: top_pc must not stall (it runs them in full fp32)
+            was = torch.get_float32_matmul_precision(); torch.set_float32_matmul_precision('high')
+            try: cam_maps(model, x, method='eigencam', layer='layer2')
+            finally: torch.set_float32_matmul_precision(was)
+        fns['eigencam@layer2 tf32'] = eigen_tf32
+        t = bench(fns)
+        print(f"resnet50 224px batch {bs}, fp16 channels_last, median ms and ratio to a no_grad forward:")
+        for k, v in t.items():
+            r, g = v/t['forward'], GOALS.get(k)
+            print(f"   {k:26s} {v*1e3:8.2f} ms  {r:5.2f}x" + (f"  goal <= {g}: {'met' if r <= g else 'NOT met'}" if g else ''))
+    from fastai_cam.learner import _Batches
+    from fastai.vision.all import vision_learner, resnet50 as r50
+    dls = synth_image_dls(n=1024, size=224, bs=64); dls.to(DEV)
+    learn = vision_learner(dls, r50, pretrained=False); learn.model.to(DEV); learn.to_fp16()
+    def run(pf):
+        _Batches.prefetch = pf
+        with learn.no_bar(): learn.cam(dl=dls.valid, method='gradcam')
+    def preds():
+        with learn.no_bar(): learn.get_preds(dl=dls.valid)
+    t = bench({'learn.cam(dl=) prefetch': lambda: run(True), 'learn.cam(dl=) inline': lambda: run(False),
+               'learn.get_preds': preds}, reps=5, warmup=1)
+    _Batches.prefetch = True
+    print(f"learn.cam(dl=) over {len(dls.valid_ds)} images (resnet50 to_fp16, bs 64): prefetch {t['learn.cam(dl=) prefetch']:.2f} s, "
+          f"inline {t['learn.cam(dl=) inline']:.2f} s, get_preds {t['learn.get_preds']:.2f} s")
     x = torch.randn(16, 3, 224, 224, device='cuda').half().contiguous(memory_format=torch.channels_last)
-    def fwd():
-        with torch.no_grad(): model(x)
-    fns = {'forward': fwd, **{f'{m}@{l or "layer4"}': (lambda m=m, l=l: cam_maps(model, x, method=m, layer=l))
-           for m, l in [('cam', None), ('gradcam', None), ('gradcam', 'layer2'), ('layercam', 'layer2'),
-                        ('eigencam', None), ('eigencam', 'layer2')]}}
-    def eigen_tf32():   # TF32 matmuls switched on, as many users do: top_pc must not stall (it runs them in full fp32)
-        was = torch.get_float32_matmul_precision(); torch.set_float32_matmul_precision('high')
-        try: cam_maps(model, x, method='eigencam', layer='layer2')
-        finally: torch.set_float32_matmul_precision(was)
-    fns['eigencam@layer2 tf32'] = eigen_tf32
-    t = bench(fns)
-    print("resnet50 224px batch 16, fp16 channels_last, median ms and ratio to a no_grad forward:")
-    for k, v in t.items(): print(f"   {k:18s} {v*1e3:8.2f} ms  {v/t['forward']:5.2f}x")
     x1 = x[:1]
     def masked():   # what Score-CAM must do at least: 2048 masked forwards
         with torch.no_grad():
@@ -181,7 +227,7 @@ if __name__ == '__main__':
     if args.dry_run: DEV = 'cpu'
     elif not torch.cuda.is_available(): sys.exit("no CUDA device")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}", flush=True)
-    methods_on_cuda(args.dry_run); no_leaks_on_cuda(); fastai_learner_fp16(args.out)
+    methods_on_cuda(args.dry_run); no_leaks_on_cuda(); no_host_sync(); fastai_learner_fp16(args.out)
     if not args.dry_run: timings(); peers_gpu()
     print(f"{len(FAILED)} failed: {FAILED}" if FAILED else "all checks passed")
     sys.exit(1 if FAILED else 0)
