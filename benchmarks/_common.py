@@ -73,6 +73,14 @@ def resnet(name:str='resnet50', seed:int=0):
 
 def get_module(model, name:str): return dict(model.named_modules())[name]
 
+def unet(arch:str='resnet34', size:int=224, bs:int=8, n_out:int=5, seed:int=0):
+    "A fastai `DynamicUnet` on a torchvision encoder with random weights (what `unet_learner(pretrained=False)` builds), eval mode, and a batch"
+    import torchvision
+    from fastai.vision.all import create_unet_model
+    torch.manual_seed(seed)
+    model = create_unet_model(getattr(torchvision.models, arch), n_out, (size, size), pretrained=False).eval()
+    return model, torch.randn(bs, 3, size, size)
+
 # ---------------------------------------------------------------------------------------------- implementations
 def ours_raw(model, x, method, layer, cls, **kw):
     return cam_maps(model, x, method=method, layer=layer, cls=cls, **kw)

@@ -10,9 +10,10 @@ in [0, 1], interleaved; a ratio < 1 means ours is faster.
     python benchmarks/peers.py                  # agreement + speed (resnet50 224px, batch 1 and 16)
     python benchmarks/peers.py --part agree     # only the agreement table
     python benchmarks/peers.py --quick          # resnet18 at 112px, batch 1 and 8, 2 rounds (about a minute)
+    python benchmarks/peers.py --part seg       # Seg-Grad-CAM on a resnet34 U-Net: agreement and speed (issue 11)
 """
 from __future__ import annotations
-import argparse, functools, time
+import argparse, contextlib, functools, io, time
 import torch
 from _common import *
 import fastai_cam.methods as fm
@@ -137,9 +138,67 @@ def agreement(quick:bool):
                     const = ' (constant maps)' if a.std() == 0 else ''
                     rows.append([f"{arch} {xs.shape[-1]}px", layer, method, peer, f"{d:.1e}{const}",
                                  f"{corr(a, b):.4f}", w])
+    rows += seg_agreement(quick)
     print("## agreement with the peers (maps at input size, min-max normalised; batch of 2, predicted class)\n")
     print(table(['model', 'layer', 'method', 'peer', 'max abs diff', 'corr', 'why'], rows))
     print()
+
+def _seg_case(arch, size, bs):
+    "A random-init fastai U-Net, a batch, a class it predicts somewhere, and the pixels predicted as that class"
+    model, x = unet(arch, size, bs)
+    with torch.no_grad(): pred = model(x).argmax(1)
+    c = int(pred.flatten().mode().values)
+    return model, x, c, pred == c
+
+def seg_ours(model, x, c):
+    "Seg-Grad-CAM end to end: a `RegionTarget` over the predicted pixels of class c, at the automatic layer"
+    from fastai_cam.targets import RegionTarget
+    return minmax(upsample(cam_maps(model, x, 'gradcam', target=RegionTarget(c)), x.shape[-2:]))
+
+def seg_pgc(model, x, c, masks, layer):
+    "pytorch-grad-cam's `SemanticSegmentationTarget` with the same masks, at the same layer"
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+    targets = [SemanticSegmentationTarget(c, m.float().numpy()) for m in masks]
+    with pytorch_grad_cam.GradCAM(model=model, target_layers=[layer]) as cam, contextlib.redirect_stderr(io.StringIO()):
+        return torch.from_numpy(cam(input_tensor=x, targets=targets))
+
+def seg_agreement(quick:bool)->list:
+    "Seg-Grad-CAM (issue 11) against pytorch-grad-cam's `SemanticSegmentationTarget`, on a fastai U-Net"
+    if 'pytorch-grad-cam' not in peers_of('gradcam'): return []
+    from fastai_cam.core import find_layer
+    arch, size = ('resnet18', 64) if quick else ('resnet34', 224)
+    model, x, c, masks = _seg_case(arch, size, 2)
+    name, mod = find_layer(model)
+    a, b = seg_ours(model, x, c), seg_pgc(model, x, c, masks, mod)
+    d = maxdiff(a, b)
+    return [[f"{arch} U-Net {size}px", name, 'gradcam (Seg-Grad-CAM)', 'pytorch-grad-cam', f"{d:.1e}", f"{corr(a, b):.4f}",
+             "same score: the sum of the class's logits over its predicted pixels (`RegionTarget` / `SemanticSegmentationTarget`)"]]
+
+def seg_speed(quick:bool, rounds:int)->list:
+    "Seg-Grad-CAM end to end, ours vs pytorch-grad-cam's, on a fastai U-Net (batch 8 at 224px)"
+    if 'pytorch-grad-cam' not in peers_of('gradcam'): return []
+    from fastai_cam.core import find_layer
+    arch, size, bs = ('resnet18', 64, 4) if quick else ('resnet34', 224, 8)
+    model, x, c, masks = _seg_case(arch, size, bs)
+    name, mod = find_layer(model)
+    def fwd():
+        with torch.no_grad(): model(x)
+    t = interleaved({'ours': lambda: seg_ours(model, x, c), 'pytorch-grad-cam': lambda: seg_pgc(model, x, c, masks, mod),
+                     'fwd': fwd}, rounds)
+    return [[f"Seg-Grad-CAM ({arch} U-Net {size}px)", name, bs, fmt_s(med(t['ours'])),
+             fmt_r(ratio(t, 'ours', 'pytorch-grad-cam')), '', '',
+             f"ours {fmt_r(ratio(t, 'ours', 'fwd'))}, pytorch-grad-cam {fmt_r(ratio(t, 'pytorch-grad-cam', 'fwd'))} a forward", '']]
+
+def seg_tables(quick:bool, rounds:int):
+    "Only the Seg-Grad-CAM rows of the agreement and speed tables"
+    t0 = time.time()
+    print("## Seg-Grad-CAM against pytorch-grad-cam's `SemanticSegmentationTarget` (maps at input size, min-max normalised)\n")
+    print(table(['model', 'layer', 'method', 'peer', 'max abs diff', 'corr', 'why'], seg_agreement(quick)))
+    rows = seg_speed(quick, rounds)
+    print(f"\n{machine()}; {rounds} rounds\n")
+    print(table(['method', 'layer', 'batch', 'ours', 'vs pytorch-grad-cam', 'vs torchcam', 'vs captum', 'note', 'goal'], rows))
+    print(f"\ntotal {time.time()-t0:.0f} s")
 
 GOALS = {'cam': 'ours raw <= 1.05x forward', 'scorecam': '<= 0.8x fastest peer', 'eigencam': '<= 0.3x pytorch-grad-cam'}
 for _m in GRAD_METHODS: GOALS[_m] = '<= 1.0x fastest peer, <= 0.45x pytorch-grad-cam'
@@ -205,6 +264,7 @@ def speed(quick:bool, rounds:int|None):
         cells = [fmt_r(ratio(t, 'ours', p)) if p in peers else '' for p in all_peers]
         rows.append(['scorecam', layer, 1, fmt_s(med(t['ours'])), *cells, f"resnet18 {ssize}px",
                      goal_check('scorecam', t, peers)])
+    rows += seg_speed(quick, rounds)
     print(f"## speed vs the peers ({arch} {size}x{size}, CPU; ours/peer end to end, < 1 = ours faster)\n")
     print(machine() + f"; {rounds} rounds (batch 1: {rounds+2}; Score-CAM: 1); total {time.time()-t0:.0f} s\n")
     print(table(['method', 'layer', 'batch', 'ours', 'vs pytorch-grad-cam', 'vs torchcam', 'vs captum', 'note',
@@ -214,12 +274,14 @@ def speed(quick:bool, rounds:int|None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--quick', action='store_true', help='small models and inputs, 2 rounds (about a minute)')
-    p.add_argument('--part', choices=['all', 'agree', 'speed'], default='all')
+    p.add_argument('--part', choices=['all', 'agree', 'speed', 'seg'], default='all',
+                   help='seg: only the Seg-Grad-CAM rows (a fastai U-Net vs SemanticSegmentationTarget), both tables')
     p.add_argument('--rounds', type=int, default=None)
     add_common_args(p)
     a = p.parse_args(argv)
     setup(a)
     if a.part in ('all', 'agree'): agreement(a.quick)
     if a.part in ('all', 'speed'): speed(a.quick, a.rounds)
+    if a.part == 'seg': seg_tables(a.quick, a.rounds or (2 if a.quick else 3))
 
 if __name__ == '__main__': main()

@@ -4,6 +4,7 @@ interleaved in one run: the median over rounds of the per-round ratio.
 
     python benchmarks/speed.py            # resnet50, 224x224, batch 16, CPU, 7 rounds (Score-CAM: resnet18 224px)
     python benchmarks/speed.py --quick    # resnet18 at 112px, batch 8, 3 rounds (well under a minute)
+    python benchmarks/speed.py --only-seg # Seg-Grad-CAM on a resnet34 DynamicUnet, 224px, batch 8 (issue 11)
 """
 from __future__ import annotations
 import argparse, sys, time
@@ -20,10 +21,23 @@ def main(argv=None):
     p.add_argument('--no-learner', action='store_true', help='skip the learn.cam end-to-end rows')
     p.add_argument('--scorecam-arch', default='resnet18',
                    help='model of the Score-CAM row (resnet50 at 224px: 2048 masked forwards, minutes per call)')
+    p.add_argument('--seg-arch', default='resnet34', help="encoder of the Seg-Grad-CAM row's fastai U-Net")
+    p.add_argument('--seg-size', type=int, default=224)
+    p.add_argument('--seg-bs', type=int, default=8)
+    p.add_argument('--no-seg', action='store_true', help='skip the Seg-Grad-CAM row')
+    p.add_argument('--only-seg', action='store_true', help='only the Seg-Grad-CAM row')
     add_common_args(p)
     a = p.parse_args(argv)
     setup(a)
     rounds = a.rounds or (3 if a.quick else 7)
+    if a.quick: a.seg_arch, a.seg_size, a.seg_bs = 'resnet18', 64, 4
+    if a.only_seg:
+        rows, t0 = [], time.time()
+        seg_rows(a, rounds, rows)
+        print(f"## speed: Seg-Grad-CAM vs the minimum work ({a.seg_arch} U-Net, {a.seg_size}x{a.seg_size}, batch {a.seg_bs}, CPU)\n")
+        print(machine() + f"; {rounds} rounds; total {time.time()-t0:.0f} s\n")
+        print(table(['measurement', 'ours', 'baseline', 'ratio', 'goal'], rows))
+        return
     if a.quick: a.arch, a.size, a.bs = 'resnet18', 112, 8
     torch.manual_seed(0)
     model = resnet(a.arch)
@@ -98,8 +112,38 @@ def main(argv=None):
     add(f"Score-CAM batch 1 ({sarch} {ssize}px, layer4, K={K}) / one no_grad forward", t, 'scorecam', 'fwd1')
     add(f"Score-CAM batch 1 / K={K} masked no_grad forwards in batches of 32 (default layout, as the peers run them)", t, 'scorecam', 'fwdK')
 
+    if not a.no_seg: seg_rows(a, rounds, rows)
+
     print(f"## speed: `cam_maps` vs the minimum work ({a.arch}, {a.size}x{a.size}, batch {a.bs}, CPU)\n")
     print(machine() + f"; {rounds} rounds; total {time.time()-t0:.0f} s\n")
     print(table(['measurement', 'ours', 'baseline', 'ratio', 'goal'], rows))
+
+def seg_rows(a, rounds, rows):
+    "Seg-Grad-CAM (issue 11): `cam_maps` with a `RegionTarget` vs a hand-written hook + `autograd.grad` of the same region score"
+    from fastai_cam.targets import RegionTarget
+    from fastai_cam.core import find_layer
+    arch, size, bs = a.seg_arch, a.seg_size, a.seg_bs
+    model, x = unet(arch, size, bs)
+    with torch.no_grad(): c = int(model(x).argmax(1).flatten().mode().values)     # a class predicted somewhere
+    name, mod = find_layer(model)                                                 # the last decoder block
+    def hand():
+        "Forward hook on the layer, the sum of class c's logits over its predicted pixels, `torch.autograd.grad`"
+        store = {}
+        h = mod.register_forward_hook(lambda m, i, o: store.__setitem__('a', o))
+        try:
+            out = model(x)
+            g, = torch.autograd.grad((out[:, c] * (out.argmax(1) == c)).sum(), store['a'])
+        finally: h.remove()
+        return g
+    def fwd():
+        with torch.no_grad(): return model(x)
+    fns = {'hand': hand, 'ours': lambda: cam_maps(model, x, 'gradcam', target=RegionTarget(c)), 'fwd': fwd}
+    t = interleaved(fns, rounds)
+    r = ratio(t, 'ours', 'hand')
+    rows.append([f"Seg-Grad-CAM: `cam_maps(method='gradcam', target=RegionTarget(c))` at {name!r} ({arch} U-Net, "
+                 f"{size}px, batch {bs}) / hook + `autograd.grad` of the same region score by hand",
+                 fmt_s(med(t['ours'])), fmt_s(med(t['hand'])), fmt_r(r), goal_str(r, 1.10)])
+    r = ratio(t, 'ours', 'fwd')
+    rows.append([f"Seg-Grad-CAM / no_grad forward (for scale)", fmt_s(med(t['ours'])), fmt_s(med(t['fwd'])), fmt_r(r), ''])
 
 if __name__ == '__main__': main()

@@ -7,18 +7,18 @@ Docs: https://fastai-cam.github.io/fastai_cam/callback.html.md"""
 # %% ../nbs/02_callback.ipynb #78390b1c
 from __future__ import annotations
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from fastcore.basics import store_attr, getcallable
 from fastai.callback.core import GatherPredsCallback
 from fastai.callback.hook import HookCallback
 from .core import *
-from .methods import get_method, minmax, upsample
-from .targets import takes_items
+from .methods import get_method, minmax, upsample, blank_maps
+from .targets import takes_items, RegionTarget, ClassTarget
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['synth_image_dls', 'is_multilabel', 'learner_vocab', 'class_index', 'resolve_cls', 'predicted_targets', 'CAMResult',
-           'CAMCallback', 'GradCAMCallback']
+__all__ = ['synth_image_dls', 'is_multilabel', 'learner_vocab', 'class_index', 'resolve_cls', 'predicted_targets', 'learner_task',
+           'every_output', 'Columns', 'task_target', 'CAMResult', 'CAMCallback', 'GradCAMCallback']
 
 # %% ../nbs/02_callback.ipynb #f4a5a30d
 def synth_image_dls(n:int=48, # number of images; the last quarter is the validation set
@@ -51,8 +51,9 @@ def is_multilabel(learn, # a fastai `Learner`
 # %% ../nbs/02_callback.ipynb #5c6fbe19
 def learner_vocab(learn, # a fastai `Learner`
                  ):
-    "The labels of the learner's classes, or None (regression, custom data)"
+    "The labels of the learner's classes (a segmentation learner's codes), or None (regression, custom data)"
     v = getattr(learn.dls, 'vocab', None)
+    if v is None: v = getattr(getattr(learn.dls, 'after_item', None), 'vocab', None)   # `MaskBlock(codes)`'s `AddMaskCodes`
     if v is None: return None
     if len(v) and isinstance(v[0], (list, tuple)) and not isinstance(v[0], str): v = v[-1]
     return [x.item() if hasattr(x, 'item') else x for x in v]   # numpy scalars -> python, for readable errors
@@ -95,7 +96,66 @@ def predicted_targets(learn, # a fastai `Learner`
         return items, classes
     return _f
 
+# %% ../nbs/02_callback.ipynb #137677d2
+_REGRESSION = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+
+def learner_task(learn, # a fastai `Learner`
+                )->str: # 'classification', 'segmentation', 'points' or 'regression'
+    "What the learner predicts: a class per item, a class per pixel (`MaskBlock`), points (`PointBlock`) or numbers"
+    lf = learn.loss_func
+    f = getattr(lf, 'func', lf)
+    tfms = {type(t).__name__ for t in getattr(getattr(learn.dls, 'after_item', None), 'fs', [])}
+    if 'AddMaskCodes' in tfms or (isinstance(f, nn.CrossEntropyLoss) and getattr(lf, 'axis', -1) == 1): return 'segmentation'
+    if 'PointScaler' in tfms: return 'points'
+    return 'regression' if isinstance(f, _REGRESSION) else 'classification'
+
+# %% ../nbs/02_callback.ipynb #68157b15
+def every_output(table:Tensor, # the score table (B,T)
+                )->tuple: # (items, columns)
+    "A class choice: every column of the score table, for every item (a map per output)"
+    B,T = table.shape
+    dev = table.device
+    return torch.arange(B, device=dev).repeat_interleave(T), torch.arange(T, device=dev).repeat(B)
+
+class Columns:
+    "A class choice: the same columns of the score table (classes, outputs) for every item, a map each"
+    def __init__(self,
+                 cols, # the column indices
+                ): self.cols = [int(c) for c in cols]
+    def __call__(self, table:Tensor)->tuple: # (items, columns)
+        c = torch.tensor(self.cols, device=table.device)
+        return torch.arange(len(table), device=table.device).repeat_interleave(len(c)), c.repeat(len(table))
+    def __repr__(self): return f"Columns({self.cols})"
+
+def _by_class(target):
+    "A `RegionTarget`/`ClassTarget` of given classes as the same target over every class, and those classes as the choice"
+    c = target.cls
+    t = ClassTarget(None) if isinstance(target, ClassTarget) else RegionTarget(None, mask=target.mask, box=target.box)
+    return t, c if isinstance(c, (int, str)) else Columns(c)
+
+def task_target(learn, # a fastai `Learner`
+                cls=None, # None, a label or index (a segmentation code: 'building'), or one (or a list) per item
+                target=None, # a target given by the user: kept, with `cls` picking its columns
+               )->tuple: # (target or None, cls)
+    "What to explain for the learner's task: (target, cls), labels resolved (an unknown code lists the codes)"
+    if isinstance(target, (RegionTarget, ClassTarget)):      # columns are classes: labels resolved, maps labelled by the vocab
+        if target.cls is not None and cls is None: target,cls = _by_class(target)
+        return target, cls if isinstance(cls, Columns) else resolve_cls(learn, cls)
+    if target is not None: return target, cls
+    task = learner_task(learn)
+    cls = resolve_cls(learn, cls)
+    if task == 'segmentation':
+        t = RegionTarget()
+        return t, t.present if cls is None else cls
+    if cls is not None: return None, cls
+    return None, every_output if task in ('regression', 'points') else predicted_targets(learn)
+
 # %% ../nbs/02_callback.ipynb #97364a08
+def _compact_preds(probs:Tensor)->Tensor:
+    "Predictions to keep: (B,C) as they are; a map output (segmentation) as the predicted class of each pixel, (B,*grid)"
+    if probs.ndim <= 2: return probs
+    return probs.argmax(1).to(torch.uint8 if probs.shape[1] <= 256 else torch.int32)
+
 @dataclass
 class CAMResult:
     "Class activation maps of some items: raw maps (N,*grid) for `(items, classes)` pairs, predictions, and what is needed to show them"
@@ -103,7 +163,7 @@ class CAMResult:
     items:Tensor          # (N,) index of the item of each map
     classes:Tensor        # (N,) class explained by each map (the column of the target's scores)
     probs:Tensor          # (N,) probability of that class (with a `target`: the target's score)
-    preds:Tensor          # (n,C) activated predictions of each item
+    preds:Tensor          # (n,C) activated predictions of each item; segmentation: the predicted class of each pixel (n,*grid)
     size:tuple            # input size: (H,W), (L,) or (D,H,W)
     method:str            # name of the CAM method (a key of `METHODS`)
     layer:str             # dotted name of the target layer in the model
@@ -111,7 +171,12 @@ class CAMResult:
     targets:Tensor|None=None  # (n,...) targets, when the loader has them
     inputs:Tensor|None=None   # (n,...) inputs as fed to the model (kept for showing)
     dls:object=None           # to decode the inputs
+    kind:str='classification' # the learner's task (`learner_task`): 'classification', 'segmentation', 'points', 'regression'
     def __len__(self): return len(self.raw)
+    @property
+    def blank(self)->Tensor:
+        "(N,) whether each map is all zero (no location's weighted sum was positive): nothing to draw"
+        return blank_maps(self.raw)
     @property
     def maps(self)->Tensor:
         "Maps at input size, each min-max normalised to [0,1] (computed on demand from `raw`)"
@@ -122,9 +187,11 @@ class CAMResult:
         return [self.vocab[c] for c in self.classes.tolist()] if self.vocab else self.classes.tolist()
     @property
     def pred_labels(self)->list:
-        "The predicted (argmax) class of each item"
+        "The predicted (argmax) class of each item; segmentation: the classes present in its prediction"
+        lbl = lambda c: self.vocab[c] if self.vocab else c
+        if self.preds.ndim > 2: return [[lbl(c) for c in p.unique().tolist()] for p in self.preds]
         p = self.preds.argmax(-1).tolist()
-        return [self.vocab[c] for c in p] if self.vocab else p
+        return [lbl(c) for c in p]
     def __repr__(self):
         return (f"CAMResult({len(self)} maps {tuple(self.raw.shape[1:])} -> {tuple(self.size)}, method={self.method!r}, "
                 f"layer={self.layer!r}, items={len(self.preds)})")
@@ -157,11 +224,10 @@ class CAMCallback(HookCallback):
     def before_fit(self): self._remove()          # inert in fit: HookCallback's hooks on every module are not wanted
     def before_validate(self):
         if not self._predicting(): return
-        self._meth,self._lname,mod,self._head = prepare(self.learn.model, self.method, self.layer, self.target)
-        if self.target is None:
-            self._cls = resolve_cls(self.learn, self.cls)
-            if self._cls is None: self._cls = predicted_targets(self.learn)
-        else: self._cls = self.cls          # columns of the target's scores
+        self._target,self._cls = task_target(self.learn, self.cls, self.target)
+        n_inp = getattr(self.learn.dls, 'n_inp', 1)       # a batch to trace, only for a model that no rule covers
+        self._meth,self._lname,mod,self._head = prepare(self.learn.model, self.method, self.layer, self._target,
+                                                        x=lambda: self.learn.dl.one_batch()[:n_inp])
         self._acc,self._preds,self._targs,self._inps,self._n,self._bytes = [],[],[],[],0,0
         self._hook = make_hook(self._meth, mod, self._lname).__enter__()
 
@@ -175,7 +241,7 @@ class CAMCallback(HookCallback):
 
     def _batch_target(self, bs):
         "The target, told the item's index in the whole loader when it takes `items`"
-        t,n = self.target,self._n
+        t,n = self._target,self._n
         if t is None or not takes_items(t): return t
         dev = self.learn.xb[0].device
         return lambda out, items=None: t(out, items=(torch.arange(bs, device=dev) if items is None else items) + n)
@@ -196,11 +262,11 @@ class CAMCallback(HookCallback):
             if last or not done: self.learn.pred = pred.detach() if isinstance(pred, Tensor) else pred
             self._hook.reset()
         probs = getcallable(self.learn.loss_func, 'activation')(out.logits.float())
-        expl = probs[out.items, out.classes] if self.target is None else out.scores
+        expl = probs[out.items, out.classes] if self._target is None else out.scores
         self._acc.append((out.maps.to(self.maps_dtype), out.items + self._n, out.classes, expl))
         self._bytes += self._acc[-1][0].nbytes
         if self._bytes > self.device_bytes and out.maps.device.type != 'cpu': self._offload()
-        self._preds.append(probs)
+        self._preds.append(_compact_preds(probs))
         if len(self.learn.yb): self._targs.append(self.learn.yb[0].detach())
         if self.gather_inputs: self._inps.append(xb[0].detach().cpu())
         self._size = tuple(xb[0].shape[2:])
@@ -223,9 +289,10 @@ class CAMCallback(HookCallback):
         raw,items,classes,probs = (torch.cat([t.to(dev) for t in ts]) for ts in zip(*self._acc))
         inputs = torch.cat(self._inps) if self.gather_inputs else (
                  self.cam_inputs if self.keep_inputs and self._n == len(self.cam_inputs) else None)
-        return CAMResult(raw=raw, items=items, classes=classes, probs=probs.float(), preds=torch.cat([p.to(dev) for p in self._preds]).float(),
+        return CAMResult(raw=raw, items=items, classes=classes, probs=probs.float(), preds=torch.cat([p.to(dev) for p in self._preds]),
                          size=self._size, method=self._meth.name, layer=self._lname, vocab=learner_vocab(self.learn),
-                         targets=torch.cat(self._targs) if self._targs else None, inputs=inputs, dls=self.learn.dls)
+                         targets=torch.cat(self._targs) if self._targs else None, inputs=inputs, dls=self.learn.dls,
+                         kind=learner_task(self.learn))
 
     def after_fit(self): self._remove()
     def _remove(self):
@@ -235,7 +302,7 @@ class CAMCallback(HookCallback):
     def __getstate__(self):
         "Pickle (e.g. `learn.export()`) without hooks or cached tensors"
         d = self.__dict__.copy()
-        for k in ('_hook','result','cam_acts','cam_inputs','_acc','_preds','_targs','_inps','hooks','_head','_meth','_cls'): d.pop(k, None)
+        for k in ('_hook','result','cam_acts','cam_inputs','_acc','_preds','_targs','_inps','hooks','_head','_meth','_cls','_target'): d.pop(k, None)
         return d
     def __setstate__(self, d):
         self.__dict__.update(d)

@@ -19,8 +19,8 @@ from .targets import *
 
 # %% auto #0
 __all__ = ['is_global_pool', 'HeadSplit', 'split_head', 'auto_layer', 'find_layer', 'hooks_paused', 'LayerHook', 'n_hooks',
-           'eval_mode', 'flat_head', 'run_head', 'cam_from_head', 'check_head', 'scorecam_scores', 'CAMOutput',
-           'check_cam_layer', 'prepare', 'finish_cams', 'make_hook', 'compute_cams', 'cam_maps']
+           'eval_mode', 'map_layer', 'flat_head', 'run_head', 'cam_from_head', 'check_head', 'scorecam_scores',
+           'CAMOutput', 'check_cam_layer', 'prepare', 'finish_cams', 'make_hook', 'compute_cams', 'cam_maps']
 
 # %% ../nbs/00_core.ipynb #6c5f950d
 _POOL_NAMES = {'AdaptiveConcatPool2d', 'AdaptiveConcatPool1d', 'SelectAdaptivePool2d', 'GlobalAvgPool2d', 'GlobalPool2d',
@@ -95,21 +95,24 @@ def _token_layer(model:nn.Module)->nn.Module|None:
     return None
 
 def auto_layer(model:nn.Module, # the model
+               x=None, # an input batch (or a function returning one) to trace a model that no rule covers (`map_layer`)
               )->nn.Module:
-    "The layer to explain when none is given: the one feeding the global pooling; in a vision transformer, the last block's attention input (class token) or the tokens the mean pools (average pooling)"
+    "The layer to explain when none is given: the one feeding the global pooling; in a vision transformer, the last block's attention input (class token) or the tokens the mean pools (average pooling); else `map_layer`"
     try: return split_head(model).layer
     except LayerError as e: err = e
     if (m := _token_layer(model)) is not None: return m
-    raise LayerError(f"Could not find the layer automatically: {type(model).__name__} has no global pooling layer and "
-                     f"no vision transformer blocks. Pass `layer=` (a module or its dotted name) and use a gradient "
-                     f"method such as method='gradcam'. ({err})")
+    if (m := map_layer(model, x)) is not None: return m
+    raise LayerError(f"Could not find the layer automatically: {type(model).__name__} has no global pooling layer, "
+                     f"no vision transformer blocks, {_MAP_RULE if x is not None else _MAP_NO_INPUT}. Pass `layer=` (a "
+                     f"module or its dotted name) and use a gradient method such as method='gradcam'. ({err})")
 
 # %% ../nbs/00_core.ipynb #1eb4c912
 def find_layer(model:nn.Module, # the model
-               layer:nn.Module|str|None=None # a module of `model`, its dotted name, or None for the one feeding the pooling
+               layer:nn.Module|str|None=None, # a module of `model`, its dotted name, or None (`auto_layer`)
+               x=None, # an input batch (or a function returning one), for `auto_layer` to trace a model no rule covers
               )->tuple: # (name, module)
     "Resolve `layer` to `(name, module)`; an unknown name is an error that lists close names"
-    if layer is None: layer = auto_layer(model)
+    if layer is None: layer = auto_layer(model, x)
     if isinstance(layer, nn.Module):
         for n,m in model.named_modules():
             if m is layer: return n, m
@@ -201,6 +204,77 @@ def eval_mode(model:nn.Module, # the model (or any module) to switch to eval mod
             if use[0] == 0:
                 del _eval_users[id(model)]
                 for m in use[1]: m.training = True
+
+# %% ../nbs/00_core.ipynb #8149756a
+_PASS = (nn.Identity, nn.modules.dropout._DropoutNd, nn.Flatten)        # hand their input on: never the named layer
+_RESAMPLE = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample)   # only resize
+_MAP_RULE = "no U-Net decoder blocks, and no module whose output is a feature map (B,K,*grid) on the path to the output in a traced forward pass"
+_MAP_NO_INPUT = "no U-Net decoder blocks (an input is needed to trace a forward pass for the last feature map)"
+_trace_lock, _traced = threading.Lock(), weakref.WeakKeyDictionary()    # model -> name of its traced layer
+
+def _unet_layer(model:nn.Module)->nn.Module|None:
+    "The last decoder block (`UnetBlock`) of a fastai `DynamicUnet`, or None"
+    blocks = [m for m in model.modules() if type(m).__name__ == 'UnetBlock']
+    return blocks[-1] if blocks else None
+
+def _tensors(o)->list:
+    ts = []
+    _map_tensors(lambda t: ts.append(t) or t, o)
+    return ts
+
+def _ancestors(ts)->set:
+    "Every autograd node that the tensors `ts` come from"
+    seen,todo = set(),[t.grad_fn for t in ts if t.grad_fn is not None]
+    while todo:
+        f = todo.pop()
+        if f not in seen: seen.add(f); todo += [n for n,_ in f.next_functions if n is not None]
+    return seen
+
+def _pick(calls, main)->nn.Module|None:
+    "The last feature map of a traced forward: `calls` are (module, output, grad_fn) in the order the modules finished"
+    graph = _ancestors(main)
+    C = main[0].shape[1] if len(main) == 1 and main[0].ndim >= 3 else None      # a map output: its channels are classes
+    groups = {}
+    for c in calls: groups.setdefault(id(c[1]), []).append(c)
+    for m,o,fn in reversed(calls):
+        g = groups.pop(id(o), None)
+        if g is None: continue                                                    # seen at a later call
+        if o.ndim < 3 or math.prod(o.shape[2:]) <= 1 or any(o is t for t in main) or isinstance(g[0][0], _RESAMPLE): continue
+        if C is not None and o.shape[1] == C: continue
+        if graph and not any(f in graph for _,_,f in g): continue                  # not on the path to the output
+        named = [m for m,_,_ in g if not isinstance(m, _PASS)]
+        if named: return named[-1]
+    return None
+
+def map_layer(model:nn.Module, # the model
+              x=None, # an input batch (tensor or tuple, its first item is traced), or a function returning one; None: no trace
+             )->nn.Module|None:
+    "A `DynamicUnet`'s last decoder block; else the last module whose output is a feature map on the path to the output (one traced forward, cached per model)"
+    if (m := _unet_layer(model)) is not None: return m
+    with _trace_lock: name = _traced.get(model)
+    if name is not None:
+        try: return model.get_submodule(name)
+        except AttributeError: pass                                              # the model changed: trace again
+    if x is None: return None
+    if callable(x) and not isinstance(x, Tensor): x = x()
+    me,calls = threading.get_ident(),[]
+    def hook(m, inp, out):
+        if threading.get_ident() == me and not _paused.get() and isinstance(out, Tensor): calls.append((m, out, out.grad_fn))
+    names = {m:n for n,m in reversed(list(model.named_modules()))}              # a module's first name
+    with torch.inference_mode(False):
+        xs = tuple(t[:1].clone().requires_grad_(t.is_floating_point()) if isinstance(t, Tensor) and t.ndim else t
+                   for t in (x if isinstance(x, (tuple, list)) else (x,)))
+        handles = [m.register_forward_hook(hook) for m in names if m is not model]
+        try:
+            with eval_mode(model), torch.enable_grad(): out = model(*xs)
+        finally:
+            for h in handles: h.remove()
+        try: main = [model_output(out)]
+        except TypeError: main = _tensors(out)
+        m = _pick(calls, main)
+    if m is None: return None
+    with _trace_lock: _traced[model] = names[m]
+    return m
 
 # %% ../nbs/00_core.ipynb #3434bb0e
 def _plain_seq(m): return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
@@ -298,7 +372,7 @@ def scorecam_scores(model:nn.Module, # the model, hook inactive
             except RuntimeError: nhwc = False                     # e.g. a model that .view()s a 4-d tensor
         return model(inp)
     def score(out, p): return target_scores(target, out, items[p])[torch.arange(len(p), device=A.device), classes[p]].float()
-    with torch.no_grad(), hooks_paused():                         # the masked passes are not predictions: no hook acts
+    with torch.no_grad(), hooks_paused(), masked_passes():        # the masked passes are not predictions: no hook acts
         if len(pi) < N*K:                                         # constant channels: the zero image, one forward for all
             one = lambda t: t.expand(N, *t.shape[1:]) if t.ndim and len(t) == 1 else t
             scores[:] = score(_map_tensors(one, fwd(torch.zeros_like(x[:1]))), torch.arange(N, device=A.device))[:,None]
@@ -320,6 +394,10 @@ class CAMOutput:
     acts:Tensor|None=None # the layer's activations as (B,K,*grid), when asked for
     scores:Tensor|None=None # the explained score of each map (N,): the class logit, or the target's value
     layout:Layout|None=None # how the layer's output was read
+    @property
+    def blank(self)->Tensor:
+        "(N,) whether each map is all zero (no location's weighted sum was positive): nothing to draw"
+        return blank_maps(self.maps)
 
 # %% ../nbs/00_core.ipynb #90084c80
 class _TokenPool(nn.Module):
@@ -381,17 +459,19 @@ def prepare(model:nn.Module, # the model
             method:str='cam', # a name from `METHODS` or `ATTENTION_METHODS`, or a `Method`
             layer=None, # a module, a dotted name, or None (`auto_layer`; attention methods: every attention block)
             target:Callable|None=None, # a target, when one is given (CAM explains class logits only)
+            x=None, # the input batch (or a function returning one): `auto_layer` traces it when no rule finds the layer
            )->tuple: # (method, layer name, layer module, CAM's head or None)
     "Resolve method and layer with clear errors before any forward pass: (Method, name, module, head or None)"
     meth = get_method(method)
     if meth.name in ATTENTION_METHODS: return (meth,) + _rollout().attention_layer(model, layer) + (None,)
     if meth.name == 'cam':
+        _cam_split(model)          # no pooling head (nor averaged tokens), no CAM: the same error for every such model, before any trace
         if target is not None:
             raise ValueError("CAM reads class scores through the pooling head: to explain a `target`, use a gradient "
                              "method (e.g. method='gradcam', 'layercam') or 'scorecam'.")
         name,mod = find_layer(model, layer)
         return meth, name, mod, check_cam_layer(model, mod, name).head
-    name,mod = find_layer(model, layer)
+    name,mod = find_layer(model, layer, x)
     if _in_head(model, mod) or isinstance(mod, nn.Flatten):
         raise LayerOutputError(f"Layer {name!r} ({type(mod).__name__}) comes after the global pooling: it has no feature "
                                "map. Choose a convolutional or transformer layer (e.g. the body or one of its stages).")
@@ -492,8 +572,8 @@ def compute_cams(model:nn.Module, # any model: its output is class logits, or an
                  reshape:Callable|None=None, # a function from the layer's output to (B,K,*grid) (layouts not recognised)
                 )->CAMOutput:
     "Raw maps and the model's output for one batch, leaving the model exactly as it was (thread-safe)"
-    meth,name,mod,head = prepare(model, method, layer, target)
     xs = tuple(xb) if isinstance(xb, (tuple,list)) else (xb,)
+    meth,name,mod,head = prepare(model, method, layer, target, xs)
     check_cls(cls, len(xs[0]))
     no_inference = torch.inference_mode(False) if meth.needs_grad else nullcontext()
     with no_inference, eval_mode(model), make_hook(meth, mod, name) as hook:

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from functools import partial
-from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, IndexSplitter, ItemGetter, Normalize,
-                               imagenet_stats, ConvLayer, Learner, accuracy, set_seed, Callback, DataLoaders, Adam,
-                               CrossEntropyLossFlat)
+from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, MaskBlock, PointBlock, RegressionBlock, IndexSplitter,
+                               ItemGetter, Normalize, imagenet_stats, ConvLayer, Learner, accuracy, set_seed, Callback,
+                               DataLoaders, Adam, CrossEntropyLossFlat)
 
 # %% auto #0
-__all__ = ['make_digit_scenes', 'digit_dls', 'small_cnn', 'demo_learner', 'digit_vit', 'CropCurriculum', 'vit_demo_learner']
+__all__ = ['make_digit_scenes', 'digit_dls', 'small_cnn', 'small_encoder', 'demo_learner', 'digit_vit', 'CropCurriculum',
+           'vit_demo_learner']
 
 # %% ../nbs/04_data.ipynb #0ac93afb
 @lru_cache(maxsize=1)
@@ -83,8 +84,9 @@ def make_digit_scenes(n:int, # number of images
                       margin:int=3, # clutter keeps this many pixels away from the digit's box
                       ink:float=0.1, # a pixel belongs to the digit's box when its digit opacity is above this
                       chunk:int=1024, # images rendered at once (bounds memory)
-                     )->tuple: # (images uint8 (n,size,size,3), labels int64 (n,), boxes int64 (n,4))
-    "Images of one digit at a random place and scale among faint clutter, with labels and the digit's tight box"
+                      masks:bool=False, # also return the digit's ink, (n,size,size) bool: its opacity above `ink`
+                     )->tuple: # (images uint8 (n,size,size,3), labels int64 (n,), boxes int64 (n,4)[, masks])
+    "Images of one digit at a random place and scale among faint clutter, with labels and the digit's tight box (and ink mask)"
     if digit_size[1] > size: raise ValueError(f"digit_size {digit_size} does not fit a {size}x{size} canvas")
     rng = np.random.default_rng(seed)
     imgs8,targets = _digits()
@@ -112,30 +114,44 @@ def make_digit_scenes(n:int, # number of images
         img.lerp_(fg[sl,None,None,:], alpha[sl,...,None])                         # then the digit on top
         if noise: img.add_(torch.randn(img.shape, generator=g), alpha=noise)
         out[sl] = (img.clamp_(0,1)*255 + 0.5).to(torch.uint8)
-    return out.numpy(), targets[pick], boxes
+    res = out.numpy(), targets[pick], boxes
+    return res + ((alpha > ink).numpy(),) if masks else res
 
 # %% ../nbs/04_data.ipynb #d103e2af
+_TASKS = {'class': lambda: CategoryBlock(vocab=[str(i) for i in range(10)]), 'mask': lambda: MaskBlock(codes=['background', 'digit']),
+          'point': lambda: PointBlock, 'size': lambda: RegressionBlock(n_out=1)}
+
+def _task_ys(task, labels, boxes, masks)->list:
+    "The targets of `task` for scenes with these labels, boxes and ink masks"
+    if task == 'class': return [str(y) for y in labels]
+    if task == 'mask': return list(masks.astype(np.uint8))
+    if task == 'point': return list(((boxes[:, :2] + boxes[:, 2:]) / 2).astype(np.float32)[:, None])   # (1,2): x, y
+    return list((boxes[:, 3] - boxes[:, 1]).astype(np.float32))
+
 def digit_dls(n_train:int=6000, # training scenes
               n_valid:int=1000, # validation scenes, drawn from held-out source digits
               size:int=64, # image side
               bs:int=64, # batch size
               seed:int=0, # seeds the scenes and the split of the source digits
               valid_pct:float=0.2, # share of scikit-learn's 1797 digits kept for validation scenes only
+              task:str='class', # 'class' (the digit), 'mask' (its ink, per pixel), 'point' (its box's centre), 'size' (its box's height in px)
               **kwargs # passed to `make_digit_scenes` (clutter, digit_size, noise, ...)
              ):
-    "`DataLoaders` of digit scenes; `dls.boxes` are the digit boxes of `dls.valid`'s images, in order"
+    "`DataLoaders` of digit scenes for a `task`; `dls.boxes` are the digit boxes of `dls.valid`'s images, in order"
+    if task not in _TASKS: raise ValueError(f"Unknown task {task!r}: choose one of {', '.join(_TASKS)}")
     _,tg = _digits()
     perm = np.random.default_rng(seed).permutation(len(tg))
     nv = int(len(tg)*valid_pct)
-    xt,yt,bt = make_digit_scenes(n_train, size=size, seed=seed, src_idx=perm[nv:], **kwargs)
-    xv,yv,bv = make_digit_scenes(n_valid, size=size, seed=seed+1, src_idx=perm[:nv], **kwargs)
-    items = list(zip(np.concatenate([xt,xv]), [str(y) for y in np.concatenate([yt,yv])]))
-    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=[str(i) for i in range(10)])),
-                       get_x=ItemGetter(0), get_y=ItemGetter(1),
+    mk = task == 'mask'
+    xt,yt,bt,*mt = make_digit_scenes(n_train, size=size, seed=seed, src_idx=perm[nv:], masks=mk, **kwargs)
+    xv,yv,bv,*mv = make_digit_scenes(n_valid, size=size, seed=seed+1, src_idx=perm[:nv], masks=mk, **kwargs)
+    ys = _task_ys(task, np.concatenate([yt,yv]), np.concatenate([bt,bv]), np.concatenate(mt+mv) if mk else None)
+    dblock = DataBlock(blocks=(ImageBlock, _TASKS[task]()), get_x=ItemGetter(0), get_y=ItemGetter(1),
                        splitter=IndexSplitter(range(n_train, n_train+n_valid)),
                        batch_tfms=Normalize.from_stats(*imagenet_stats))
-    dls = dblock.dataloaders(items, bs=bs, num_workers=0)
+    dls = dblock.dataloaders(list(zip(np.concatenate([xt,xv]), ys)), bs=bs, num_workers=0)
     dls.valid_imgs,dls.valid_labels,dls.boxes = xv,yv,torch.from_numpy(bv)
+    if mk: dls.valid_masks = torch.from_numpy(mv[0])
     return dls
 
 # %% ../nbs/04_data.ipynb #c6941912
@@ -149,6 +165,16 @@ def small_cnn(n_out:int=10, # classes
     body = nn.Sequential(*[ConvLayer(ni, nf, stride=s) for ni,nf,s in zip(chs[:-1], chs[1:], strides)])
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chs[-1], n_out))
     return nn.Sequential(body, head)
+
+# %% ../nbs/04_data.ipynb #2b18e095
+def small_encoder(pretrained:bool=False, # must be False: there are no pretrained weights
+                  ch:tuple=(16,32,64), # channels of each `ConvLayer`
+                  strides:tuple=(2,2,2), # stride of each layer
+                 )->nn.Sequential:
+    "`small_cnn`'s layers in one flat `nn.Sequential`: an `arch` for `unet_learner` and `vision_learner` (with `pretrained=False`)"
+    if pretrained: raise ValueError("small_encoder has no pretrained weights: pass pretrained=False")
+    body,head = small_cnn(10, ch, strides)
+    return nn.Sequential(*body, *head)
 
 # %% ../nbs/04_data.ipynb #64b6cb85
 def demo_learner(n_train:int=6000, # training scenes

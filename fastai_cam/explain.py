@@ -18,14 +18,16 @@ from fastai.learner import Learner
 from fastai.data.transforms import get_files, image_extensions
 from .core import prepare
 from .methods import METHODS
-from .callback import is_multilabel, learner_vocab, class_index
-from .learner import _default  # and `Learner.cam`
+from .callback import is_multilabel, learner_vocab, class_index, learner_task, Columns
+from .targets import ClassTarget, RegionTarget, RegressionTarget, PointTarget, OutputField
+from .learner import _default, _method, _px, cam_titles  # and `Learner.cam`
 from .load import load_cam_learner, add_import_arg
 from .report import report_html
 
 # %% auto #0
 __all__ = ['EXPLAIN_COLUMNS', 'collect_images', 'overlay_names', 'atomic_write', 'colormap_lut', 'blend_cams', 'decoded_images',
-           'draw_title', 'check_image', 'dist_env', 'explain_run', 'explain', 'add_explain_args', 'explain_main']
+           'draw_title', 'check_image', 'dist_env', 'parse_target', 'explain_run', 'explain', 'add_explain_args',
+           'explain_main']
 
 # %% ../nbs/07_explain.ipynb #0bf404aa
 def _expand_args(paths)->list:
@@ -191,8 +193,9 @@ def _load_npz(fn)->dict:
     with np.load(fn) as z: return {k: z[k] for k in z.files}
 
 def _parse_cls(learn, cls):
-    "A class from the command line: a vocab label, or else an index"
+    "A class from the command line: a vocab label, or else an index; several, comma-separated: a map each, for every image"
     if cls is None or not isinstance(cls, str): return None if cls is None else class_index(learn, cls)
+    if ',' in cls: return Columns([_parse_cls(learn, c.strip()) for c in cls.split(',')])
     try: return class_index(learn, cls)
     except ValueError:
         if cls.lstrip('-').isdigit(): return class_index(learn, int(cls))
@@ -200,14 +203,51 @@ def _parse_cls(learn, cls):
 
 def _top1(logits): return torch.arange(len(logits), device=logits.device), logits.argmax(-1)
 
+# %% ../nbs/07_explain.ipynb #a7d48870
+def parse_target(spec:str, # e.g. 'region:building', 'point:0:x', 'output:aux:region:1' (see the table above)
+                 learn=None, # the learner whose vocab names the classes (None: classes are indices)
+                )->tuple: # (target, cls): a target with a column per class (output, coordinate), and the column(s) to explain
+    "A target and the class choice from its command-line form: `class:C`, `region[:C]`, `regression[:I]`, `point:I[:x|y]`, `output:KEY[:SPEC]`"
+    kind,_,rest = spec.partition(':')
+    def _int(s, what):
+        if not s.lstrip('-').isdigit(): raise ValueError(f"--target {spec!r}: {what} must be an index, not {s!r}.")
+        return int(s)
+    if kind in ('class', 'region'):
+        c = (_parse_cls(learn, rest) if learn is not None else _int(rest, 'the class')) if rest else None
+        return (ClassTarget(None) if kind == 'class' else RegionTarget()), c
+    if kind == 'regression': return RegressionTarget(), _int(rest, 'the output') if rest else None
+    if kind == 'point' and rest:
+        i,_,coord = rest.partition(':')
+        i = _int(i, 'the point')
+        if coord not in ('', 'x', 'y'): raise ValueError(f"--target {spec!r}: the coordinate is x or y, not {coord!r}.")
+        return PointTarget(None), 2*i + 'xy'.index(coord) if coord else Columns([2*i, 2*i + 1])
+    if kind == 'output' and rest:
+        key,_,then = rest.partition(':')
+        t,c = parse_target(then, learn) if then else (None, None)
+        return OutputField(int(key) if key.lstrip('-').isdigit() else key, t), c
+    raise ValueError(f"Unknown --target {spec!r}: use class:C, region[:C], regression[:I], point:I[:x|y] or output:KEY[:SPEC].")
+
 # %% ../nbs/07_explain.ipynb #be70c5e1
+def _map_name(ov:Path, label:str)->Path:
+    "The overlay of one of several maps of an image: `name.LABEL.png`"
+    safe = ''.join(c if c.isalnum() or c in '-_' else '_' for c in label)
+    return ov.with_name(f"{ov.stem}.{safe}{ov.suffix}")
+
+def _edges(masks:np.ndarray)->np.ndarray:
+    "The pixels of each mask (N,H,W) that touch a pixel outside it (4-neighbours; the image's border counts as outside)"
+    m = np.pad(masks, ((0,0), (1,1), (1,1)))
+    inner = m[:, 1:-1, 1:-1] & m[:, :-2, 1:-1] & m[:, 2:, 1:-1] & m[:, 1:-1, :-2] & m[:, 1:-1, 2:]
+    return masks & ~inner
+
 class _Explainer:
     "Compute and write the overlays of batches of files, gathering CSV rows and raw maps"
-    def __init__(self, learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, fmt='png'):
+    def __init__(self, learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, fmt='png', target=None):
         self.learn,self.out,self.method,self.layer,self.alpha,self.cmap = learn,Path(out),method,layer,alpha,cmap
         self.save_kw = dict(format='JPEG', quality=90) if fmt in ('jpg', 'jpeg') else dict(format='PNG', compress_level=1)
         self.bs,self.num_workers,self.title,self.save_maps,self.log = bs,num_workers,title,save_maps,log
-        self.cls = _top1 if cls is None and is_multilabel(learn) else cls
+        self.cls = _top1 if cls is None and target is None and is_multilabel(learn) else cls
+        self.target,self.task = target,learner_task(learn)
+        if isinstance(target, RegionTarget) and target.cls is None and cls is None: self.cls = target.present
         self.rows,self.maps,self._job = [],{},None
         self._pool = ThreadPoolExecutor(1)
 
@@ -222,10 +262,14 @@ class _Explainer:
     def _cam(self, files):
         dl = self.learn.dls.test_dl(files, bs=self.bs, num_workers=self.num_workers)
         with self.learn.no_bar():
-            res = self.learn.cam(dl=dl, cls=self.cls, method=self.method, layer=self.layer, with_input=True)
-        if len(res) != len(files) or not torch.equal(res.items.cpu(), torch.arange(len(files))):
+            res = self.learn.cam(dl=dl, cls=self.cls, method=self.method, layer=self.layer, with_input=True, target=self.target)
+        if self._one_each(res, files) and not torch.equal(res.items.cpu(), torch.arange(len(files))):
             raise ValueError(f"Expected one map per image, got {len(res)} for {len(files)} images.")
         return res
+
+    def _one_each(self, res, files)->bool:
+        "Whether this run writes one overlay per image (named after it), or one per map (`name.LABEL.png`)"
+        return self.task == 'classification' and self.target is None and not isinstance(self.cls, Columns)
 
     def run(self, files, ovs):
         "Explain `files` (already checked), writing the overlays named `ovs`"
@@ -235,6 +279,7 @@ class _Explainer:
             for f,ov in zip(files, ovs): self.run([f], [ov])   # find the file that spoils the batch
             return
         imgs = decoded_images(self.learn, res.inputs)
+        if not self._one_each(res, files): return self._run_maps(files, ovs, res, imgs)
         pred_prob,pred_lbl = res.preds.cpu().max(-1)[0].tolist(), res.pred_labels
         labels,probs,raw = res.labels, res.probs.cpu().tolist(), res.raw.cpu().float().numpy()
         preds = res.preds.cpu().float().numpy()   # each item's probabilities: the HTML report's loss (not in the CSV)
@@ -247,9 +292,36 @@ class _Explainer:
         self.wait()   # at most one batch of overlays being written while the next one is computed
         self._job = self._pool.submit(self.write, imgs, res.maps.cpu().numpy(), ovs, titles)
 
-    def write(self, imgs, maps, ovs, titles=None):
-        "Blend and write the overlays (in a thread: numpy and PIL's encoder release the GIL)"
-        over = blend_cams(imgs, maps, self.alpha, self.cmap)
+    def _run_maps(self, files, ovs, res, imgs):
+        "Several maps per image (segmentation classes, outputs, points' coordinates, a target's columns): an overlay each"
+        items,labels,raw = res.items.cpu(), [str(l) for l in res.labels], res.raw.cpu().float().numpy()
+        titles,blank = cam_titles(res), res.blank.tolist()
+        if res.kind == 'points': labels = [t.split()[0] for t in titles]                  # x0, y0, x1, ...
+        seg = res.kind == 'segmentation' and res.preds.ndim > 2
+        present = res.pred_labels if seg else None                                        # the classes of each image
+        names = [_map_name(ovs[k], l) for k,l in zip(items.tolist(), labels)]
+        for j,k in enumerate(items.tolist()):
+            row = dict(file=str(files[k]), overlay=str(names[j]), cls=labels[j], cls_prob=f"{float(res.probs[j]):.6f}",
+                       method=res.method, layer=res.layer, error='')
+            if res.kind == 'points': row['cls_prob'] = f"{float(_px(res, res.classes[j:j+1].cpu(), res.probs[j:j+1].cpu())):.6f}"
+            if seg:
+                row.update(pred=' '.join(str(c) for c in present[k]),
+                           cls_prob=f"{float((res.preds[k] == res.classes[j]).float().mean()):.6f}")   # its share of the pixels
+            self.rows.append(row)
+            if self.save_maps: self.maps[f"{files[k]}:{labels[j]}"] = raw[j]
+        titles = [t + (' (all zero)' if b else '') for t,b in zip(titles, blank)] if self.title else None
+        outline = (res.preds[res.items] == res.classes[:, None, None].to(res.preds.device)).cpu().numpy() if seg else None
+        maps = res.maps.cpu().numpy()
+        maps[np.array(blank, dtype=bool)] = np.nan                                             # nothing to draw
+        self.wait()
+        self._job = self._pool.submit(self.write, imgs[items.numpy()], maps, names, titles, outline)
+
+    def write(self, imgs, maps, ovs, titles=None, outline=None):
+        "Blend and write the overlays (in a thread: numpy and PIL's encoder release the GIL); outline (N,H,W): pixels to outline"
+        over = blend_cams(imgs, np.nan_to_num(maps), self.alpha, self.cmap)
+        gone = np.isnan(maps).all((1, 2))
+        over[gone] = imgs[gone] if imgs.shape[-1] == 3 else np.repeat(imgs[gone], 3, -1)   # an all-zero map: the image alone
+        if outline is not None: over[_edges(outline)] = (0, 255, 255)                      # cyan, as `draw_task` draws
         for k,ov in enumerate(ovs):
             im = Image.fromarray(over[k])
             if titles: draw_title(im, titles[k])
@@ -265,7 +337,8 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
                 out, # output folder: overlays, `predictions.csv`, `maps.npz`
                 method:str|None=None, # a CAM method (default: 'cam'), see `METHODS`
                 layer:str|None=None, # a dotted layer name, or None (the layer feeding the pooling head)
-                cls=None, # the class to explain (a label or an index); None: the predicted class
+                cls=None, # the class to explain (a label or an index; several, comma-separated); None: the predicted class
+                target=None, # what to explain instead of a class: a target, or its `--target` form ('region:building', 'point:0:x')
                 alpha:float=0.6, # opacity of the heatmap
                 cmap:str='magma', # matplotlib colormap of the heatmap
                 bs:int=64, # images per batch
@@ -289,11 +362,15 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
     # everything that can be checked without images is checked first
     learn = model if isinstance(model, Learner) else load_cam_learner(model, imports=imports)
     if dev.type != 'cpu': learn.dls.to(dev); learn.model.to(dev)
-    method,layer = _default(learn, 'method', method, 'cam'), _default(learn, 'layer', layer, None)   # an attached CAMCallback's
-    prepare(learn.model, method, layer)
+    method,layer = _method(learn, method), _default(learn, 'layer', layer, None)   # an attached CAMCallback's
     cls = _parse_cls(learn, cls)
+    if isinstance(target, str):
+        target,tcls = parse_target(target, learn)
+        if tcls is not None and cls is not None: raise ValueError("Give the class in --target or in --cls, not both.")
+        cls = cls if tcls is None else tcls
     files,root = collect_images(paths, exclude=out)
     if not files: raise FileNotFoundError(f"No image files found in {' '.join(map(str, _expand_args(paths)))}")
+    prepare(learn.model, method, layer, target, x=lambda: _probe(learn, files))   # a model no rule covers: traced on one image
     colormap_lut(cmap)
     if format not in ('png', 'jpg', 'jpeg'): raise ValueError(f"Unknown overlay format {format!r}: use 'png' or 'jpg'.")
     ovs = overlay_names(files, root, '.png' if format == 'png' else '.jpg')
@@ -301,7 +378,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
     if init_here: torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     ex = None
     try:
-        ex = _Explainer(learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, format)
+        ex = _Explainer(learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, format, target)
         prev_rows = {r['overlay']: r for r in _read_csv(out/'predictions.csv')} if skip_existing else {}
         prev_maps = _load_npz(out/'maps.npz') if skip_existing and save_maps else {}
         todo = []
@@ -335,6 +412,12 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
     finally:
         if ex is not None: ex._pool.shutdown()
         if init_here: torch.distributed.destroy_process_group()
+
+def _probe(learn, files):
+    "A batch of the first readable image, to trace a model whose layer no rule finds"
+    f = next((f for f in files if check_image(f) is None), None)
+    if f is None: raise FileNotFoundError("None of the files is a readable image to find the model's layer with: pass --layer.")
+    return learn.dls.test_dl([f]).one_batch()[:getattr(learn.dls, 'n_inp', 1)]
 
 def _merge(ex, out, rank, world, dev, n_ok, n_files, save_maps):
     "Each rank writes partial files; rank 0 merges them into `predictions.csv` (and `maps.npz`) and removes them"
@@ -378,9 +461,17 @@ def add_explain_args(p:argparse.ArgumentParser, # the parser (or subparser) that
     p.add_argument('-o', '--out', required=True, help="output folder: an overlay PNG per image (keeping the folder "
                    "structure under the inputs' common folder), predictions.csv, maps.npz")
     add_import_arg(p)   # --import helpers.py: the code the learner needs
-    p.add_argument('--method', default=None, help=f"CAM method, one of: {', '.join(METHODS)} (default: cam)")
-    p.add_argument('--layer', default=None, help="dotted name of the layer (default: the one feeding the pooling head)")
-    p.add_argument('--cls', default=None, help="class to explain, a label or an index (default: the predicted class)")
+    p.add_argument('--method', default=None, help=f"CAM method, one of: {', '.join(METHODS)} (default: cam; gradcam "
+                   "for a segmentation learner)")
+    p.add_argument('--layer', default=None, help="dotted name of the layer (default: the one feeding the pooling head; "
+                   "a U-Net's last decoder block; else the last feature map of a traced forward pass)")
+    p.add_argument('--cls', default=None, help="class to explain, a label or an index, or several comma-separated "
+                   "(default: the predicted class; segmentation: every class present in the prediction; regression "
+                   "and points: every output); with several maps per image the overlays are named NAME.CLASS.png")
+    p.add_argument('--target', default=None, help="what to explain when it is not a class logit: class:C, region[:C] "
+                   "(Seg-Grad-CAM: class C's logits summed over its predicted pixels), regression[:I] (output I), "
+                   "point:I[:x|y] (a PointBlock output), output:KEY[:TARGET] (an element of a dict or tuple output, "
+                   "then TARGET on it), e.g. output:aux:region:car")
     p.add_argument('--alpha', type=float, default=0.6, help="opacity of the heatmap (default: 0.6)")
     p.add_argument('--cmap', default='magma', help="matplotlib colormap (default: magma)")
     p.add_argument('--bs', type=int, default=64, help="images per batch (default: 64)")
@@ -406,6 +497,7 @@ def explain_main(args:argparse.Namespace, # parsed by a parser that `add_explain
     t0 = time.time()
     try:
         rows,n_ok,n = explain_run(args.model, args.paths, args.out, method=args.method, layer=args.layer, cls=args.cls,
+                                  target=args.target,
                                   alpha=args.alpha, cmap=args.cmap, bs=args.bs, device=args.device,
                                   save_maps=args.save_maps, skip_existing=args.skip_existing, title=not args.no_title,
                                   format=args.format, html=args.html,

@@ -21,16 +21,22 @@ __all__ = []
 def top_losses_cam(self:Interpretation,
                    k:int=9, # number of items
                    largest:bool=True, # the largest losses (False: the smallest)
-                   cls='pred', # 'pred' (the predicted class), 'actual' (the target), or a label/index
+                   cls='pred', # 'pred' (the predicted class; segmentation: every class predicted), 'actual' (the target, classifiers), or a label/index
                    method:str|None=None, # a CAM method (default: an attached callback's, else 'cam')
                    layer=None, # a module, a dotted name, or None (the layer feeding the pooling head)
                   )->tuple:
-    "The `CAMResult` of the `k` top losses and their titles `actual/predicted loss probability`"
+    "The `CAMResult` of the `k` top losses and their titles `actual/predicted loss probability` (other tasks: the loss, then `cam_titles`)"
+    task = learner_task(self.learn)
+    if cls == 'actual' and task != 'classification':
+        raise ValueError(f"cls='actual' explains a classifier's target class; this learner's task is {task}: pass 'pred' "
+                         "(every class present in the prediction, for segmentation) or the classes (outputs) to explain.")
     losses,idx = self.top_losses(k, largest)
     items = getattr(self.dl.items, 'iloc', L(self.dl.items))[idx]
     dl = self.learn.dls.test_dl(items, with_labels=True, num_workers=0)
     c = None if cls == 'pred' else torch.cat([b[-1] for b in dl]).tolist() if cls == 'actual' else cls
     res = self.learn.cam(dl=dl, cls=c, method=method, layer=layer, with_input=True)
+    if task != 'classification':
+        return res, [f"{l:.2f} {t}" for l,t in zip(losses[res.items.cpu()].tolist(), cam_titles(res))]
     act = [res.vocab[i] if res.vocab else i for i in res.targets[res.items].tolist()]
     prd = [res.pred_labels[i] for i in res.items.tolist()]
     titles = [f"{a}/{p} {l:.2f} {pr:.2f}" for a,p,l,pr in zip(act, prd, losses[res.items.cpu()].tolist(), res.probs.tolist())]

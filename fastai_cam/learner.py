@@ -6,10 +6,11 @@ Docs: https://fastai-cam.github.io/fastai_cam/learner.html.md"""
 
 # %% ../nbs/03_learner.ipynb #b4b99d4c
 from __future__ import annotations
-import threading, weakref, queue
+import threading, weakref, queue, warnings
 from pathlib import Path
 from contextlib import nullcontext, contextmanager
-import torch
+import numpy as np
+import torch, torch.nn.functional as F
 from torch import Tensor
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, first
@@ -21,9 +22,10 @@ from fastai.vision.data import get_grid
 from .core import *
 from .methods import minmax, upsample, get_method
 from .callback import *
+from .callback import _compact_preds
 
 # %% auto #0
-__all__ = ['count_forwards', 'show_cam_overlay', 'show_cam_strip', 'show_cam_slices']
+__all__ = ['count_forwards', 'show_cam_overlay', 'show_cam_strip', 'show_cam_slices', 'cam_titles', 'outline_mask', 'draw_task']
 
 # %% ../nbs/03_learner.ipynb #a687e37e
 def _default(learn, attr, val, dflt):
@@ -31,7 +33,12 @@ def _default(learn, attr, val, dflt):
     cbs = [cb for cb in learn.cbs if isinstance(cb, CAMCallback)]
     return getattr(cbs[0], attr) if cbs else dflt
 
+def _method(learn, method):
+    "The method asked for, an attached callback's, or the default: Grad-CAM for segmentation (no pooling head), else CAM"
+    return _default(learn, 'method', method, 'gradcam' if learner_task(learn) == 'segmentation' else 'cam')
+
 def _as_items(items):
+    if hasattr(items, 'iloc'): return items                 # a DataFrame: its rows are the items (tabular)
     if isinstance(items, (str, Path)) or not is_listy(items): return [items]
     return list(items)
 
@@ -60,6 +67,7 @@ class _Batches:
     prefetch = True   # False: the batches are made in the loop itself (tools/gpu_check.py measures both)
     def __init__(self, dl, n_inp:int): self.dl,self.n_inp,self.targets = dl,n_inp,[]
     def __len__(self): return len(self.dl)
+    def one_batch(self): return tuple(self.dl.one_batch()[:self.n_inp])   # for a callback that traces the model once
     def _split(self, b):
         if len(b) > self.n_inp: self.targets.append(b[self.n_inp])
         return tuple(b[:self.n_inp])                                   # no targets: no loss, no metric, no host sync
@@ -93,6 +101,12 @@ class _Batches:
                 yield self._split(b)
         finally: stop.set(); th.join()
 
+def _warn_blank(res):
+    "Say how many maps are all zero (drawn as the image alone, their titles noted)"
+    if res is not None and (nb := int(res.blank.sum())):
+        warnings.warn(f"{nb} of {len(res)} maps are all zero ({res.method}: no location has a positive weighted sum): "
+                      "`.blank` flags them; another method (e.g. 'layercam') or layer may show more.")
+
 @patch
 def cam(self:Learner,
         items=None, # an item or a list of items (PIL images, paths, arrays: what `dls.test_dl` takes)
@@ -108,15 +122,17 @@ def cam(self:Learner,
         reshape=None, # a function from the layer's output to (B,K,*grid), for layouts not recognised
        )->CAMResult:
     "Class activation maps of `items` (or of every item of `dl`), as a `CAMResult`"
-    method,layer = _default(self, 'method', method, 'cam'), _default(self, 'layer', layer, None)
+    method,layer = _method(self, method), _default(self, 'layer', layer, None)
     target,reshape = _default(self, 'target', target, None), _default(self, 'reshape', reshape, None)
-    prepare(self.model, method, layer, target)
-    if target is None: cls = resolve_cls(self, cls)
+    target,cls = task_target(self, cls, target)
     if dl is None:
         if items is None: raise ValueError("Pass the items to explain (learn.cam(img) or learn.cam([img1, img2])) or dl=.")
         items = _as_items(items)
         if is_listy(cls) and len(cls) != len(items):
             raise ValueError(f"Got {len(cls)} classes for {len(items)} items: give one per item, one for all, or None.")
+    n_inp = getattr(self.dls, 'n_inp', 1)          # one item to trace, only for a model that no rule covers
+    prepare(self.model, method, layer, target, x=lambda: (dl or self.dls.test_dl(items[:1], num_workers=0)).one_batch()[:n_inp])
+    if dl is None:
         dl = self.dls.test_dl(items, num_workers=0, **({'bs':bs} if bs else {}))
         if with_input is None: with_input = True
     cb = CAMCallback(method, layer, cls, batch_size=batch_size, keep_inputs=False, gather_inputs=bool(with_input),
@@ -129,6 +145,7 @@ def cam(self:Learner,
         with self.validation_context(cbs=[cb]): self._do_epoch_validate(dl=batches)   # a progress bar for loaders only
     res = cb.result
     if res is not None and batches.targets: res.targets = torch.cat(batches.targets)
+    _warn_blank(res)
     return res
 
 # %% ../nbs/03_learner.ipynb #c411682d
@@ -219,6 +236,54 @@ def _titles(r:CAMResult):
     t = [r.vocab[i] for i in t] if r.vocab else t
     return [f"{a}/{l} {p:.2f}" for a,l,p in zip(t, labels, probs)]
 
+def _px(r, cols, v):
+    "Point coordinates scaled to [-1,1] -> pixels (fastai's `PointScaler`): even columns are x (width), odd y (height)"
+    side = torch.tensor([r.size[1], r.size[0]], device=v.device)[cols % 2]
+    return (v + 1) * side / 2
+
+def cam_titles(r:CAMResult, # a result
+              )->list: # a title per map
+    "Titles: label and probability, or actual/predicted (classification); a segmentation class and its share of the pixels; an output's value (actual/predicted, points in pixels)"
+    if r.kind == 'segmentation' and r.preds.ndim > 2:
+        pred = r.preds[r.items].flatten(1)
+        share = (pred == r.classes.to(pred.device)[:, None]).float().mean(1)
+        return [f"{l} {s:.0%}" for l,s in zip(r.labels, share.tolist())]
+    if r.kind not in ('regression', 'points'): return _titles(r)
+    v,cols = r.probs.float(), r.classes
+    act = None if r.targets is None else r.targets.float().reshape(len(r.targets), -1)[r.items, cols.to(r.targets.device)]
+    if r.kind == 'points':
+        v,act = _px(r, cols.to(v.device), v), None if act is None else _px(r, cols.to(act.device), act)
+        names,unit = [f"{'xy'[c % 2]}{c // 2} " for c in cols.tolist()],'px'
+    else: names,unit = [f"out {c}: " if r.preds.shape[1] > 1 else '' for c in cols.tolist()],''
+    if act is None: return [f"{n}{x:.3g}{unit}" for n,x in zip(names, v.tolist())]
+    return [f"{n}{a:.3g}/{x:.3g}{unit}" for n,a,x in zip(names, act.tolist(), v.tolist())]
+
+def outline_mask(ax, # a matplotlib axis showing the image
+                 mask:Tensor, # (H,W): the pixels to outline (pixel (i,j) on the image's pixel (i,j))
+                 color:str='cyan', # colour of the outline
+                 lw:float=1.5, # its width
+                ):
+    "Outline the pixels of `mask` on `ax` (a mask that covers the image is outlined along its border); returns the axis"
+    if not mask.any(): return ax
+    H,W = mask.shape
+    m = F.pad(mask.float().cpu(), (1,1,1,1)).numpy()          # a border of zeros: every region is closed
+    ax.contour(np.arange(-1, W+1), np.arange(-1, H+1), m, levels=[0.5], colors=color, linewidths=lw)
+    return ax
+
+def draw_task(ax, # the axis of map `k`'s overlay
+              r:CAMResult, # the result
+              k:int, # the map's index
+              color:str='cyan', # colour of the outline or marker
+             ):
+    "What the learner's task adds to an overlay: the pixels predicted as the explained class outlined (segmentation), the predicted point marked (points)"
+    if r.kind == 'segmentation' and r.preds.ndim > 2:
+        outline_mask(ax, r.preds[r.items[k]] == r.classes[k].to(r.preds.device), color)
+    elif r.kind == 'points':
+        p = int(r.classes[k]) // 2
+        xy = _px(r, torch.tensor([0, 1]), r.preds[r.items[k]].float().cpu()[2*p:2*p+2])
+        ax.plot(float(xy[0]) - 0.5, float(xy[1]) - 0.5, '+', color=color, ms=10, mew=2)   # pixel (i,j) is drawn centred on (j,i)
+    return ax
+
 @patch
 def show(self:CAMResult,
          max_n:int=9, # at most this many maps
@@ -233,15 +298,18 @@ def show(self:CAMResult,
         raise ValueError("This result kept no inputs to draw on: compute it with learn.cam(..., with_input=True).")
     n = min(max_n, len(self))
     imgs = self.dls.decode((self.inputs[self.items[:n].cpu()],))[0] if self.dls is not None else self.inputs[self.items[:n].cpu()]
-    maps,titles = minmax(upsample(self.raw[:n].float(), self.size), dims=len(self.size)), (titles or _titles(self))[:n]
+    maps,titles = minmax(upsample(self.raw[:n].float(), self.size), dims=len(self.size)), (titles or cam_titles(self))[:n]
     if axs is None:
         ncols = ncols or min(n, 3)
         nrows = -(-n//ncols)
         axs = get_grid(n, nrows=nrows, ncols=ncols, figsize=figsize or (3*ncols, 3*nrows))
     axs = list(axs) if is_listy(axs) else [axs]
     draw = {1: show_cam_strip, 3: show_cam_slices}.get(len(self.size), show_cam_overlay)   # 1-D signals, 3-D volumes, images
+    blank = self.blank[:n].tolist()                  # nothing to draw: the input alone, and the title says why
     for k,ax in enumerate(axs[:n]):
-        draw(imgs[k], maps[k], ax=ax, alpha=alpha, cmap=cmap, interpolation=interpolation, title=titles[k], **kwargs)
+        draw(imgs[k], maps[k], ax=ax, alpha=0 if blank[k] else alpha, cmap=cmap, interpolation=interpolation,
+             title=titles[k] + (' (all zero)' if blank[k] else ''), **kwargs)
+        if len(self.size) == 2: draw_task(ax, self, k)
     return axs[:n]
 
 # %% ../nbs/03_learner.ipynb #75c99fff
@@ -249,20 +317,20 @@ def show(self:CAMResult,
 def cam_batch(self:Learner, xb, cls=None, method:str|None=None, layer=None, targets=None, batch_size:int=32,
               target=None, reshape=None)->CAMResult:
     "Class activation maps of an already-collated batch `xb` (as the model takes it), as a `CAMResult`"
-    method,layer = _default(self, 'method', method, 'cam'), _default(self, 'layer', layer, None)
+    method,layer = _method(self, method), _default(self, 'layer', layer, None)
     target,reshape = _default(self, 'target', target, None), _default(self, 'reshape', reshape, None)
-    if target is None:
-        cls = resolve_cls(self, cls)
-        if cls is None: cls = predicted_targets(self)
+    target,cls = task_target(self, cls, target)
     xs = xb if isinstance(xb, (tuple, list)) else (xb,)
     out = compute_cams(self.model, xs, method=method, layer=layer, cls=cls, batch_size=batch_size, target=target, reshape=reshape)
     act = getattr(self.loss_func, 'activation', lambda x: x)
     preds = act(out.logits.float())
-    return CAMResult(raw=out.maps, items=out.items, classes=out.classes,
-                     probs=preds[out.items, out.classes] if target is None else out.scores,
-                     preds=preds, size=tuple(xs[0].shape[2:]), method=get_method(method).name,
-                     layer=find_layer(self.model, layer)[0], vocab=learner_vocab(self), targets=targets,
-                     inputs=xs[0].detach(), dls=self.dls)
+    res = CAMResult(raw=out.maps, items=out.items, classes=out.classes,
+                    probs=preds[out.items, out.classes] if target is None else out.scores,
+                    preds=_compact_preds(preds), size=tuple(xs[0].shape[2:]), method=get_method(method).name,
+                    layer=find_layer(self.model, layer, xs)[0], vocab=learner_vocab(self), targets=targets,
+                    inputs=xs[0].detach(), dls=self.dls, kind=learner_task(self))
+    _warn_blank(res)
+    return res
 
 @patch
 def show_cam(self:Learner,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['METHODS', 'ATTENTION_METHODS', 'weighted_sum', 'gradcam', 'gradcam_pp', 'xgradcam', 'hirescam', 'layercam', 'top_pc',
-           'eigencam', 'minmax', 'upsample', 'scorecam_masks', 'scorecam', 'Method', 'get_method']
+           'eigencam', 'minmax', 'upsample', 'scorecam_masks', 'scorecam', 'blank_maps', 'Method', 'get_method']
 
 # %% ../nbs/01_methods.ipynb #0e134def
 def _f32(*ts): return [t.float() for t in ts]
@@ -196,6 +196,12 @@ def scorecam(A:Tensor, # activations of the target layer (N,K,*grid)
             )->Tensor: # maps (N,*grid)
     "Score-CAM map from `A` (N,K,*grid) and the target logits of the masked inputs `scores` (N,K)"
     return weighted_sum(A, scores.float().softmax(-1))
+
+# %% ../nbs/01_methods.ipynb #cce820c6
+def blank_maps(maps:Tensor, # (N,*grid) maps
+              )->Tensor: # (N,) bool
+    "Whether each map is all zero (e.g. every location's weighted sum negative before the ReLU): nothing to draw"
+    return maps.flatten(1).eq(0).all(1)
 
 # %% ../nbs/01_methods.ipynb #927236ff
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Docs: https://fastai-cam.github.io/fastai_cam/targets.html.md"""
 
 # %% ../nbs/01b_targets.ipynb #fbae3795
 from __future__ import annotations
-import inspect, numbers
+import inspect, numbers, threading, contextvars
+from contextlib import contextmanager
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
@@ -15,7 +16,8 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['model_output', 'class_logits', 'takes_items', 'target_scores', 'check_cls', 'resolve_targets', 'Selection', 'select',
-           'OutputField']
+           'OutputField', 'masked_passes', 'in_masked_pass', 'ClassTarget', 'RegionTarget', 'RegressionTarget',
+           'PointTarget']
 
 # %% ../nbs/01b_targets.ipynb #14fb7cc0
 def model_output(out, # what the model returned: a tensor, a tuple/list, a dict or a `ModelOutput`
@@ -158,3 +160,148 @@ class OutputField:
         if self.then is None: return v
         return self.then(v, items=items) if takes_items(self.then) else self.then(v)
     def __repr__(self): return f"OutputField({self.key!r}{', then=' + repr(self.then) if self.then else ''})"
+
+# %% ../nbs/01b_targets.ipynb #3183c118
+_masked = contextvars.ContextVar('fastai_cam_masked_pass', default=False)
+
+@contextmanager
+def masked_passes():
+    "Mark the forward passes run in this block, in this thread, as Score-CAM's masked passes"
+    token = _masked.set(True)
+    try: yield
+    finally: _masked.reset(token)
+
+def in_masked_pass()->bool:
+    "Whether the output a target is scoring comes from one of Score-CAM's masked passes (not the original forward)"
+    return _masked.get()
+
+# %% ../nbs/01b_targets.ipynb #5b5a5e23
+def _cols(sel, n:int, what:str):
+    "Columns `sel` (an int, a list, or None: all `n`) of a score table, checked against `n`"
+    cs = list(range(n)) if sel is None else [sel] if isinstance(sel, numbers.Integral) else [int(c) for c in sel]
+    bad = [c for c in cs if not 0 <= c < n]
+    if bad: raise IndexError(f"{what} {bad[0]} is out of range: the model's output has {n} (0..{n-1}).")
+    return cs
+
+class ClassTarget:
+    "A target: the logit of class `cls` of a classifier's output (B,C); a list of classes gives one map per class"
+    def __init__(self,
+                 cls=None, # a class index, a list of them (a column each: T maps per item), or None: every class
+                ): self.cls = cls
+    def __call__(self, out):
+        lg = class_logits(out)
+        s = lg[:, _cols(self.cls, lg.shape[1], 'Class')]
+        return s[:, 0] if isinstance(self.cls, numbers.Integral) else s
+    def __repr__(self): return f"ClassTarget({self.cls!r})"
+
+# %% ../nbs/01b_targets.ipynb #de0824b6
+def _size(t)->str: return 'x'.join(str(s) for s in t)
+
+class RegionTarget:
+    "A target (Seg-Grad-CAM): the sum of a class's logits over a region of a segmentation output (B,C,*grid)"
+    def __init__(self,
+                 cls=None, # a class index, a list of them (a column each), or None: every class
+                 mask=None, # the region: (*grid) for every item or (N,*grid) one per item (bool or weights); None: the predicted pixels
+                 box=None, # or a box (x0,y0,x1,y1) in output pixels, end excluded, or (N,4) one per item (2-D outputs)
+                ):
+        if mask is not None and box is not None: raise ValueError("Give a `mask` or a `box`, not both.")
+        self.cls,self.mask,self.box,self._local = cls,mask,box,threading.local()
+    def __getstate__(self): return {k:v for k,v in self.__dict__.items() if k != '_local'}
+    def __setstate__(self, d): self.__dict__.update(d); self._local = threading.local()
+    def __repr__(self):
+        return f"RegionTarget({self.cls!r}" + (', mask=...' if self.mask is not None else ', box=...' if self.box is not None else '') + ')'
+
+    def _rows(self, items, B, n, what):
+        "The rows of a per-item mask or box for this batch: `items`, or 0..B-1"
+        if items is None:
+            if n != B: raise ValueError(f"The {what} has {n} items and the batch {B}: give one per item, or one for all.")
+            return slice(None)
+        return items
+
+    def _given(self, lg, items):
+        "The given region as (B or 1, 1, *grid) weights"
+        B,grid = lg.shape[0], tuple(lg.shape[2:])
+        if self.box is not None:
+            if len(grid) != 2: raise ValueError(f"A box needs a 2-D output, not {_size(grid)}: give a `mask`.")
+            b = torch.as_tensor(self.box, device=lg.device).float()
+            b = b[self._rows(items, B, len(b), 'box')] if b.ndim == 2 else b[None]
+            ys,xs = torch.arange(grid[0], device=lg.device), torch.arange(grid[1], device=lg.device)
+            inx = (xs >= b[:, 0, None]) & (xs < b[:, 2, None])
+            iny = (ys >= b[:, 1, None]) & (ys < b[:, 3, None])
+            return (iny[:, :, None] & inx[:, None, :])[:, None]
+        m = torch.as_tensor(self.mask, device=lg.device)
+        if tuple(m.shape[-len(grid):]) != grid or m.ndim not in (len(grid), len(grid)+1):
+            raise ValueError(f"The mask is {_size(m.shape[-len(grid):] if m.ndim >= len(grid) else m.shape)} but the "
+                             f"model's output is {_size(grid)} ({tuple(lg.shape)}): give a mask of the output's size, "
+                             "e.g. resized with `F.interpolate(mask[None].float(), size, mode='nearest')`.")
+        if m.ndim == len(grid) + 1: m = m[self._rows(items, B, len(m), 'mask')]
+        else: m = m[None]
+        return m[:, None]
+
+    def _predicted(self, lg, items):
+        "The predicted class of each pixel (B,*grid): from this output, or in a masked pass the one the original forward fixed"
+        if not in_masked_pass():
+            pred = lg.detach().argmax(1)
+            self._local.fixed = (None if items is None else torch.as_tensor(items, device=lg.device), pred)
+            return pred
+        fixed = getattr(self._local, 'fixed', None)
+        if fixed is None: raise RuntimeError("RegionTarget: a masked pass came before the original forward fixed the region.")
+        orig,pred = fixed
+        if items is None: return pred
+        items = torch.as_tensor(items, device=pred.device)
+        if orig is None: return pred[items]
+        lut = torch.full((int(orig.max()) + 1,), -1, dtype=torch.long, device=pred.device)
+        lut[orig] = torch.arange(len(orig), device=pred.device)
+        return pred[lut[items]]
+
+    def __call__(self, out, items=None):
+        lg = model_output(out)
+        if lg.ndim < 3:
+            raise ValueError(f"RegionTarget explains a segmentation output (B,C,*grid): the model's output is "
+                             f"{tuple(lg.shape)}. For class scores use `cls=` or `ClassTarget`.")
+        cs = _cols(self.cls, lg.shape[1], 'Class')
+        L = lg[:, cs]                                                            # (B,T,*grid)
+        if self.mask is None and self.box is None:
+            ci = torch.tensor(cs, device=lg.device).view(1, -1, *[1]*(lg.ndim-2))
+            R = self._predicted(lg, items)[:, None] == ci                         # (B,T,*grid)
+        else: R = self._given(lg, items)
+        if not in_masked_pass(): self._local.present = R.flatten(2).ne(0).any(2).expand(len(lg), len(cs))
+        s = (L * R.to(L.dtype)).flatten(2).sum(2)
+        return s[:, 0] if isinstance(self.cls, numbers.Integral) else s
+
+    def present(self,
+                table:Tensor, # the score table of the forward (a class choice's argument; not used)
+               )->tuple: # (items, columns)
+        "A class choice: every (item, column) whose region is not empty in the forward just scored (this thread's)"
+        p = getattr(self._local, 'present', None)
+        if p is None or len(p) != len(table): raise RuntimeError("RegionTarget.present: call the target on the forward's output first.")
+        return p.nonzero(as_tuple=True)
+
+# %% ../nbs/01b_targets.ipynb #0b554579
+class RegressionTarget:
+    "A target: output `i` of a regression model's output (B,n) or (B,); a list gives a map each, None every output"
+    def __init__(self,
+                 i=None, # an output index, a list of them, or None: every output
+                ): self.i = i
+    def __call__(self, out):
+        o = model_output(out)
+        o = o[:, None] if o.ndim == 1 else o.flatten(1)
+        s = o[:, _cols(self.i, o.shape[1], 'Output')]
+        return s[:, 0] if isinstance(self.i, numbers.Integral) else s
+    def __repr__(self): return f"RegressionTarget({self.i!r})"
+
+class PointTarget:
+    "A target: a coordinate of point `i` of a `PointBlock` learner's output (B,2n), `(x, y)` per point"
+    def __init__(self,
+                 i=0, # the point's index, a list of them, or None: every point
+                 coord:str|None=None, # 'x', 'y', or None: both (a map each)
+                ):
+        if coord not in (None, 'x', 'y'): raise ValueError(f"coord must be 'x', 'y' or None, not {coord!r}")
+        self.i,self.coord = i,coord
+    def __call__(self, out):
+        o = model_output(out).flatten(1)
+        if o.shape[1] % 2: raise ValueError(f"The model's output {tuple(o.shape)} is not points (B,2n): x and y of each point.")
+        ps = _cols(self.i, o.shape[1]//2, 'Point')
+        s = o[:, [2*p + c for p in ps for c in ((0,1) if self.coord is None else ('xy'.index(self.coord),))]]
+        return s[:, 0] if s.shape[1] == 1 and isinstance(self.i, numbers.Integral) else s
+    def __repr__(self): return f"PointTarget({self.i!r}, {self.coord!r})"

@@ -138,3 +138,23 @@ def test_eigencam_vs_pytorch_grad_cam(setup):
             mean = A[i].mean(0).flatten()                                         # ...the one agreeing with the mean
             s = 1 if d[0] <= d[1] else -1
             assert torch.corrcoef(torch.stack([(s * proj[i]).flatten(), mean]))[0, 1] >= 0
+
+def test_seg_gradcam_vs_pytorch_grad_cam(setup):
+    """Seg-Grad-CAM: a `RegionTarget` over the pixels predicted as a class, and pytorch-grad-cam's
+    `SemanticSegmentationTarget` given that mask, on a fastai U-Net at its automatic layer (the last decoder block)"""
+    pgc = pytest.importorskip('pytorch_grad_cam')
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+    from fastai.vision.all import create_unet_model, resnet18
+    from fastai_cam.core import find_layer
+    from fastai_cam.targets import RegionTarget
+    torch.manual_seed(0)
+    m = create_unet_model(resnet18, 3, (64, 64), pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): pred = m(x).argmax(1)
+    c = int(pred.flatten().mode().values)
+    a = up(cam_maps(m, x, 'gradcam', target=RegionTarget(c)), x)
+    assert a.flatten(1).std(1).min() > 0
+    targets = [SemanticSegmentationTarget(c, (p == c).float().numpy()) for p in pred]
+    with pgc.GradCAM(model=m, target_layers=[find_layer(m)[1]]) as cam:
+        theirs = torch.from_numpy(cam(input_tensor=x, targets=targets))
+    assert maxdiff(a, theirs) <= 1e-5

@@ -250,7 +250,8 @@ def test_densenet121_needs_a_layer():
     torch.manual_seed(0)
     model = torchvision.models.densenet121(weights=None, num_classes=3)
     x = torch.randn(1, 3, 64, 64)
-    with pytest.raises(LayerError, match='layer='): cam_maps(model, x, method='gradcam')   # pooling is functional
+    assert find_layer(model, x=x)[0] == 'features'        # pooling is functional: the layer comes from a traced forward
+    with pytest.raises(LayerError, match='layer='): cam_maps(model, x, method='cam')      # no pooling head: no CAM
     check_arch(model, x, layer='features')
     check_arch(model, x, layer='features.denseblock3.denselayer2.conv1', methods=('gradcam++',))
 
@@ -258,7 +259,8 @@ def test_vgg11_bn_no_global_pool():
     torch.manual_seed(0)
     model = torchvision.models.vgg11_bn(weights=None, num_classes=3)
     x = torch.randn(1, 3, 64, 64)
-    with pytest.raises(LayerError, match='layer='): cam_maps(model, x, method='gradcam')
+    assert find_layer(model, x=x)[0] == 'features'        # the last feature map, not the resampling `avgpool`
+    with pytest.raises(LayerError, match='layer='): cam_maps(model, x, method='cam')
     check_arch(model, x, layer='features.24', methods=('gradcam', 'hirescam', 'eigencam'))
 
 def test_timm_cnn():
