@@ -17,7 +17,7 @@ one run: the median over rounds of the per-round ratio.
 """
 from __future__ import annotations
 import argparse, contextlib, io, os, time
-import torch, torch.nn.functional as F
+import torch
 from _common import *
 
 def loadavg()->str:
