@@ -220,6 +220,12 @@ def _attention_grads(sel, hook:AttentionHook, name:str, retain_graph:bool=False)
         raise RuntimeError("Gradient rollout cannot run under torch.inference_mode(): use torch.no_grad() (or method='rollout').")
     unused = LayerError(f"The model's output does not depend on the attention of {name!r}: choose blocks on the path to the output.")
     if not sel.table.requires_grad or any(o is None for o in hook.outs): raise unused
+    def dA(l, g, s=slice(None)): return hook.heads_grad(l, g[s]).float() @ hook.vals[l][s].float().transpose(-2, -1)
+    if _in_order(items, len(hook.probs[0])):          # one class per item, in order: no buffers to fill, no gathers
+        with torch.enable_grad(): score = sel.table[items, cols].sum()
+        gs = torch.autograd.grad(score, hook.outs, retain_graph=retain_graph, allow_unused=True)
+        if all(g is None for g in gs): raise unused
+        return [torch.zeros_like(p) if g is None else dA(l, g) for l,(p,g) in enumerate(zip(hook.probs, gs))]
     G = [p.new_zeros((len(items),) + tuple(p.shape[1:])) for p in hook.probs]
     rounds = _rounds(items)
     for r,s in enumerate(rounds):
@@ -227,8 +233,12 @@ def _attention_grads(sel, hook:AttentionHook, name:str, retain_graph:bool=False)
         gs = torch.autograd.grad(score, hook.outs, retain_graph=retain_graph or r < len(rounds)-1, allow_unused=True)
         if all(g is None for g in gs): raise unused
         for l,g in enumerate(gs):
-            if g is not None: G[l][s] = hook.heads_grad(l, g[items[s]]).float() @ hook.vals[l][items[s]].float().transpose(-2, -1)
+            if g is not None: G[l][s] = dA(l, g, items[s])
     return G
+
+def _in_order(items:Tensor, B:int)->bool:
+    "Whether the selection is one target per item of the batch, in order (`items` = 0..B-1): the common case"
+    return len(items) == B and torch.equal(items, torch.arange(B, device=items.device))
 
 def attention_cams(meth:Method, # an attention method (`ATTENTION_METHODS`, or `rollout_method(...)`)
                    hook:AttentionHook, # the hook that saw the forward pass
@@ -253,7 +263,8 @@ def attention_cams(meth:Method, # an attention method (`ATTENTION_METHODS`, or `
     with torch.set_grad_enabled(meth.needs_grad): sel = select(out, cls, target)
     if meth.needs_grad:
         G = _attention_grads(sel, hook, name, retain_graph)
-        rel = (meth.fn or grad_rollout)([p[sel.items] for p in hook.probs], G, reader)
+        probs = hook.probs if _in_order(sel.items, len(hook.probs[0])) else [p[sel.items] for p in hook.probs]
+        rel = (meth.fn or grad_rollout)(probs, G, reader)
     else: rel = (meth.fn or attention_rollout)(hook.probs, None, reader)[sel.items]
     return CAMOutput(rel[:, P:].unflatten(1, grid).float(), _main_output(out), sel.items, sel.cols, None, sel.scores,
                      Layout('tokens', grid, P))
