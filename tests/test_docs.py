@@ -11,7 +11,7 @@ spec = importlib.util.spec_from_file_location('render_docs', ROOT/'tools'/'rende
 rd = importlib.util.module_from_spec(spec); spec.loader.exec_module(rd)
 
 # pages that must show at least one figure (their notebooks plot)
-WITH_FIGURES = ['index', 'tutorial', 'gallery', 'layers', 'learner', 'serving', 'tracker', 'tracking', 'trust']
+WITH_FIGURES = ['index', 'tutorial', 'gallery', 'layers', 'learner', 'serving', 'tracker', 'tracking', 'transformers', 'trust']
 
 class Page(HTMLParser):
     "ids, links, image sources and error-coloured elements of an HTML page"
