@@ -8,12 +8,13 @@ Docs: https://fastai-cam.github.io/fastai_cam/all.html.md"""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #20203532
-from . import methods, layouts, targets, core, callback, learner, interpret, metrics, data, load, app, tracker
+from . import methods, layouts, targets, core, rollout, callback, learner, interpret, metrics, data, load, app, tracker
 from . import faithfulness as _faithfulness   # the module; `faithfulness` is also its function
 from .methods import *
 from .layouts import *
 from .targets import *
 from .core import *
+from .rollout import *
 from .callback import *
 from .learner import *
 from .interpret import *
@@ -25,4 +26,4 @@ from .tracker import *
 from .faithfulness import *
 
 # %% ../nbs/99_all.ipynb #538f6b5f
-__all__ = [n for m in (methods, layouts, targets, core, callback, learner, interpret, metrics, data, load, app, tracker, _faithfulness) for n in m.__all__]
+__all__ = [n for m in (methods, layouts, targets, core, rollout, callback, learner, interpret, metrics, data, load, app, tracker, _faithfulness) for n in m.__all__]

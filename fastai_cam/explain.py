@@ -10,10 +10,13 @@ import os, sys, csv, argparse, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 import numpy as np
 import torch
+from torch import Tensor
 from PIL import Image, ImageDraw
 from fastprogress.fastprogress import progress_bar
+from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.data.transforms import get_files, image_extensions
 from .core import prepare
@@ -21,13 +24,13 @@ from .methods import METHODS
 from .callback import is_multilabel, learner_vocab, class_index, learner_task, Columns
 from .targets import ClassTarget, RegionTarget, RegressionTarget, PointTarget, OutputField
 from .learner import _default, _method, _px, cam_titles  # and `Learner.cam`
-from .load import load_cam_learner, add_import_arg
+from .load import load_cam_learner, add_import_arg, _import_code
 from .report import report_html
 
 # %% auto #0
 __all__ = ['EXPLAIN_COLUMNS', 'collect_images', 'overlay_names', 'atomic_write', 'colormap_lut', 'blend_cams', 'decoded_images',
-           'draw_title', 'check_image', 'dist_env', 'parse_target', 'explain_run', 'explain', 'add_explain_args',
-           'explain_main']
+           'draw_title', 'check_image', 'dist_env', 'parse_target', 'find_function', 'explain_run', 'explain',
+           'add_explain_args', 'explain_main']
 
 # %% ../nbs/07_explain.ipynb #0bf404aa
 def _expand_args(paths)->list:
@@ -241,12 +244,12 @@ def _edges(masks:np.ndarray)->np.ndarray:
 
 class _Explainer:
     "Compute and write the overlays of batches of files, gathering CSV rows and raw maps"
-    def __init__(self, learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, fmt='png', target=None):
+    def __init__(self, learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, fmt='png', target=None, reshape=None):
         self.learn,self.out,self.method,self.layer,self.alpha,self.cmap = learn,Path(out),method,layer,alpha,cmap
         self.save_kw = dict(format='JPEG', quality=90) if fmt in ('jpg', 'jpeg') else dict(format='PNG', compress_level=1)
         self.bs,self.num_workers,self.title,self.save_maps,self.log = bs,num_workers,title,save_maps,log
         self.cls = _top1 if cls is None and target is None and is_multilabel(learn) else cls
-        self.target,self.task = target,learner_task(learn)
+        self.target,self.task,self.reshape = target,learner_task(learn),reshape
         if isinstance(target, RegionTarget) and target.cls is None and cls is None: self.cls = target.present
         self.rows,self.maps,self._job = [],{},None
         self._pool = ThreadPoolExecutor(1)
@@ -262,7 +265,8 @@ class _Explainer:
     def _cam(self, files):
         dl = self.learn.dls.test_dl(files, bs=self.bs, num_workers=self.num_workers)
         with self.learn.no_bar():
-            res = self.learn.cam(dl=dl, cls=self.cls, method=self.method, layer=self.layer, with_input=True, target=self.target)
+            res = self.learn.cam(dl=dl, cls=self.cls, method=self.method, layer=self.layer, with_input=True, target=self.target,
+                             reshape=self.reshape)
         if self._one_each(res, files) and not torch.equal(res.items.cpu(), torch.arange(len(files))):
             raise ValueError(f"Expected one map per image, got {len(res)} for {len(files)} images.")
         return res
@@ -331,6 +335,21 @@ class _Explainer:
         "Wait for the overlays being written (raising their error, if any)"
         if self._job is not None: job,self._job = self._job,None; job.result()
 
+# %% ../nbs/07_explain.ipynb #7c5d4d09
+def find_function(spec:str, # 'NAME' (defined in one of `imports`), 'MODULE:NAME' or 'FILE.py:NAME'
+                  imports=(), # `.py` files or module names, as for `load_cam_learner`
+                 )->Callable:
+    "The function that `spec` names, for options such as `--reshape`: a clear error lists the functions there are"
+    where,_,name = spec.rpartition(':')
+    names = _import_code([where] if where else imports)[0]
+    f = names.get(name)
+    if not callable(f):
+        fns = sorted(k for k,v in names.items() if callable(v) and not isinstance(v, type) and not k.startswith('_'))
+        src = where or (', '.join(map(str, L(imports))) if imports else None)
+        raise ValueError(f"No function {name!r} " + (f"in {src}" if src else "(pass the file that defines it with --import, "
+                         "or name it as FILE.py:NAME or MODULE:NAME)") + (f". Its functions: {', '.join(fns)}" if fns else '') + '.')
+    return f
+
 # %% ../nbs/07_explain.ipynb #4088453d
 def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a `Learner`
                 paths, # image files, folders (searched recursively), or `@list.txt` (one path a line)
@@ -352,6 +371,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
                 chunk:int|None=None, # images per `learn.cam` call (default: `bs`)
                 log=None, # where to report unreadable files (default: print to stderr)
                 imports=(), # code that an exported learner needs: `.py` files or module names (see `load_cam_learner`)
+                reshape=None, # a function from the layer's output to (B,K,*grid), or its name: 'NAME' (from `imports`), 'MODULE:NAME' or 'FILE.py:NAME'
                 html:bool=False, # also write `out/report.html`, a page of the overlays to filter and sort (rank 0)
                )->tuple:
     "Explain the images of `paths` into `out`; returns `(rows, n_ok, n_files)`"
@@ -368,6 +388,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
         target,tcls = parse_target(target, learn)
         if tcls is not None and cls is not None: raise ValueError("Give the class in --target or in --cls, not both.")
         cls = cls if tcls is None else tcls
+    if isinstance(reshape, str): reshape = find_function(reshape, imports)
     files,root = collect_images(paths, exclude=out)
     if not files: raise FileNotFoundError(f"No image files found in {' '.join(map(str, _expand_args(paths)))}")
     prepare(learn.model, method, layer, target, x=lambda: _probe(learn, files))   # a model no rule covers: traced on one image
@@ -378,7 +399,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
     if init_here: torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     ex = None
     try:
-        ex = _Explainer(learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, format, target)
+        ex = _Explainer(learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, format, target, reshape)
         prev_rows = {r['overlay']: r for r in _read_csv(out/'predictions.csv')} if skip_existing else {}
         prev_maps = _load_npz(out/'maps.npz') if skip_existing and save_maps else {}
         todo = []
@@ -472,6 +493,9 @@ def add_explain_args(p:argparse.ArgumentParser, # the parser (or subparser) that
                    "(Seg-Grad-CAM: class C's logits summed over its predicted pixels), regression[:I] (output I), "
                    "point:I[:x|y] (a PointBlock output), output:KEY[:TARGET] (an element of a dict or tuple output, "
                    "then TARGET on it), e.g. output:aux:region:car")
+    p.add_argument('--reshape', default=None, metavar='FN', help="a function from the layer's output to (B,K,*grid), "
+                   "for a layout that is not recognised: NAME (defined in an --import file or module), MODULE:NAME or "
+                   "FILE.py:NAME")
     p.add_argument('--alpha', type=float, default=0.6, help="opacity of the heatmap (default: 0.6)")
     p.add_argument('--cmap', default='magma', help="matplotlib colormap (default: magma)")
     p.add_argument('--bs', type=int, default=64, help="images per batch (default: 64)")
@@ -501,7 +525,8 @@ def explain_main(args:argparse.Namespace, # parsed by a parser that `add_explain
                                   alpha=args.alpha, cmap=args.cmap, bs=args.bs, device=args.device,
                                   save_maps=args.save_maps, skip_existing=args.skip_existing, title=not args.no_title,
                                   format=args.format, html=args.html,
-                                  progress=not args.quiet, num_workers=args.num_workers, imports=args.imports)
+                                  progress=not args.quiet, num_workers=args.num_workers, imports=args.imports,
+                                  reshape=args.reshape)
     except (ValueError, IndexError, FileNotFoundError) as e:
         err(f"error: {e}"); return 2
     if n_ok == 0:

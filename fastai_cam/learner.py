@@ -340,6 +340,7 @@ def show_cam(self:Learner,
              layer=None, # a module, a dotted name, or None (`auto_layer`)
              dl=None, # draw the first `max_n` items of this loader, titled actual/predicted
              target=None, # what to explain instead of a class (see `Learner.cam`)
+             reshape=None, # a function from the layer's output to (B,K,*grid), for layouts not recognised
              max_n:int=9, # at most this many images
              alpha:float=0.6, cmap:str='magma', # the overlay, as in the book
              **kwargs # passed to `CAMResult.show` (ncols, figsize, axs, interpolation)
@@ -349,14 +350,15 @@ def show_cam(self:Learner,
         b = first(dl.new(shuffle=False, bs=max_n, drop_last=False))
         n_inp = getattr(self.dls, 'n_inp', 1)
         xb,yb = b[:n_inp], b[n_inp:]
-        res = self.cam_batch(xb, cls=cls, method=method, layer=layer, targets=yb[0] if yb else None, target=target)
+        res = self.cam_batch(xb, cls=cls, method=method, layer=layer, targets=yb[0] if yb else None, target=target,
+                             reshape=reshape)
     elif item is None:
         cbs = [c for c in self.cbs if isinstance(c, CAMCallback)]
         res = cbs[0].result if cbs else None
         if res is None or res.inputs is None:
             raise ValueError("Nothing to show yet: attach a CAMCallback and call learn.predict(img) first, "
                              "or pass an item: learn.show_cam(img).")
-        if cls is not None or method is not None or layer is not None or target is not None:
-            res = self.cam_batch(res.inputs, cls=cls, method=method, layer=layer, target=target)
-    else: res = self.cam(item, cls=cls, method=method, layer=layer, with_input=True, target=target)
+        if cls is not None or method is not None or layer is not None or target is not None or reshape is not None:
+            res = self.cam_batch(res.inputs, cls=cls, method=method, layer=layer, target=target, reshape=reshape)
+    else: res = self.cam(item, cls=cls, method=method, layer=layer, with_input=True, target=target, reshape=reshape)
     return res.show(max_n=max_n, alpha=alpha, cmap=cmap, **kwargs)

@@ -12,7 +12,7 @@ rd = importlib.util.module_from_spec(spec); spec.loader.exec_module(rd)
 
 # pages that must show at least one figure (their notebooks plot)
 WITH_FIGURES = ['index', 'tutorial', 'gallery', 'layers', 'learner', 'targets', 'segmentation', 'serving', 'tracker',
-                'tracking', 'trust']
+                'tracking', 'transformers', 'trust']
 
 class Page(HTMLParser):
     "ids, links, image sources and error-coloured elements of an HTML page"

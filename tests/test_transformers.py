@@ -68,6 +68,24 @@ def test_explain_an_exported_vit(dls, tmp_path):
         assert all((tmp_path/m/o).exists() for o in df.overlay)
         with np.load(tmp_path/m/'maps.npz') as z: assert all(z[k].shape == (4, 4) for k in z.files)
 
+def test_reshape_by_hand_through_show_cam_and_the_cli(dls, tmp_path):
+    "`reshape=` on show_cam and `fastai-cam explain --reshape NAME --import helpers.py` give the automatic maps"
+    import argparse
+    from fastai_cam.explain import add_explain_args, explain_main
+    learn = vision_learner(dls, 'vit_tiny_patch16_224', pretrained=False, **TINY_VIT)
+    grid = lambda t: t[:, 1:].transpose(1, 2).unflatten(2, (4, 4))                # a class token, 4x4 patches
+    auto, hand = (learn.show_cam(_img(0), method='gradcam', reshape=r)[0].images[1].get_array() for r in (None, grid))
+    np.testing.assert_allclose(hand, auto, atol=1e-5)
+    learn.export(tmp_path/'vit.pkl')
+    (tmp_path/'imgs').mkdir(); _img(0).save(tmp_path/'imgs'/'0.png')
+    (tmp_path/'helpers.py').write_text("def vit_grid(t): return t[:, 1:].transpose(1, 2).unflatten(2, (4, 4))\n")
+    run = lambda out, *extra: explain_main(add_explain_args(argparse.ArgumentParser()).parse_args(
+        [str(tmp_path/'vit.pkl'), str(tmp_path/'imgs'), '-o', str(tmp_path/out), '--method', 'gradcam', '--save-maps', '-q', *extra]))
+    assert run('auto') == 0 and run('hand', '--import', str(tmp_path/'helpers.py'), '--reshape', 'vit_grid') == 0
+    with np.load(tmp_path/'auto'/'maps.npz') as a, np.load(tmp_path/'hand'/'maps.npz') as h:
+        assert a.files == h.files and all(np.allclose(a[k], h[k], atol=1e-5) for k in a.files)
+    assert run('bad', '--import', str(tmp_path/'helpers.py'), '--reshape', 'grd') == 2     # "No function 'grd' in ...: vit_grid"
+
 def test_vit_target_and_several_classes(dls):
     "`target=` and several classes per item reach the attention methods through learn.cam"
     learn = vision_learner(dls, 'vit_tiny_patch16_224', pretrained=False, **TINY_VIT)
