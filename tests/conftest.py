@@ -7,3 +7,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+def pytest_configure(config):
+    "Under pytest-xdist (`pytest -n 2`, the README's command) each worker has a core: one torch thread each, not two fighting"
+    import os
+    if os.environ.get('PYTEST_XDIST_WORKER'): torch.set_num_threads(1)
