@@ -27,12 +27,12 @@ def free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
-def start_app(model, port, method, max_batch_size, threads, timeout=300):
+def start_app(model, port, method, max_batch_size, threads, workers=1, timeout=300):
     "The app in a new process; returns it once its page answers"
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'PYTHONWARNINGS': 'ignore', 'GRADIO_ANALYTICS_ENABLED': 'False',
            'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
     p = subprocess.Popen([sys.executable, '-m', 'fastai_cam.app', str(model), '--port', str(port), '--methods', method,
-                          '--max-batch-size', str(max_batch_size)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          '--max-batch-size', str(max_batch_size), '--workers', str(workers)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t_end = time.time() + timeout
     while time.time() < t_end:
         if p.poll() is not None: raise RuntimeError(f'the app exited: {p.stderr.read()}')
@@ -57,9 +57,17 @@ def explain_call(h:httpx.Client, url:str, f:Path, method:str)->dict:
     raise RuntimeError('the stream ended without a result')
 
 
-def phase(url, files, method, n_clients, seconds):
-    "`n_clients` threads sending requests for `seconds`: (latencies, batch sizes, errors)"
+def cpu_seconds(pid=None)->float:
+    "User + system CPU seconds of process `pid` (Linux /proc), or of this process"
+    if pid is None: t = os.times(); return t.user + t.system
+    f = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def phase(url, files, method, n_clients, seconds, pid=None):
+    "`n_clients` threads sending requests for `seconds`: (latencies, batch sizes, errors, CPU s of the app, CPU s of the clients)"
     lat,bs,errors = [],[],[]
+    c0,a0 = cpu_seconds(), (cpu_seconds(pid) if pid else 0.)
     def client(i):
         k = 4 * i    # each client its own images: no two requests at once need the same cached file
         with httpx.Client(timeout=120) as h:
@@ -74,7 +82,7 @@ def phase(url, files, method, n_clients, seconds):
     ths = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
     for t in ths: t.start()
     for t in ths: t.join()
-    return lat, bs, errors
+    return lat, bs, errors, (cpu_seconds(pid) - a0 if pid else 0.), cpu_seconds() - c0
 
 
 def main(a):
@@ -84,15 +92,15 @@ def main(a):
     model = Path(a.model) if a.model else make_model(d, files, arch=a.arch)
     port = free_port(); url = f'http://127.0.0.1:{port}/'
     t0 = time.time()
-    p = start_app(model, port, a.method, a.max_batch_size, a.threads)
+    p = start_app(model, port, a.method, a.max_batch_size, a.threads, a.workers)
     try:
         phase(url, files, a.method, a.clients, 3)      # warm-up
         T = a.seconds / a.rounds
         res = {1: [], a.clients: []}
         for r in range(a.rounds):
             for n in ((1, a.clients) if r % 2 == 0 else (a.clients, 1)):
-                res[n].append(phase(url, files, a.method, n, T))
-                lat,bs,err = res[n][-1]
+                res[n].append(phase(url, files, a.method, n, T, p.pid))
+                lat,bs,err = res[n][-1][:3]
                 print(f"round {r+1}: {n} client(s): {len(lat)} requests, median {statistics.median(lat)*1000:.0f} ms, "
                       f"mean batch {statistics.mean(bs):.2f}, {len(err)} errors", flush=True)
     finally:
@@ -103,7 +111,7 @@ def main(a):
     errs = allv(one, 2) + allv(many, 2)
     ratio = statistics.median(per_round)
     print(f"\n{machine()}; {a.rounds} rounds of {T:.0f} s per phase; app: `python -m fastai_cam.app` ({a.arch if not a.model else model.name}, "
-          f"{a.method}, max batch {a.max_batch_size}, torch threads {a.threads}); total {time.time()-t0:.0f} s\n")
+          f"{a.method}, max batch {a.max_batch_size}, workers {a.workers}, torch threads {a.threads}); total {time.time()-t0:.0f} s\n")
     rows = []
     for n,rs in ((1, one), (a.clients, many)):
         lat,bs = allv(rs, 0), allv(rs, 1)
@@ -113,6 +121,16 @@ def main(a):
     print(table(['clients', 'requests', 'median latency', 'p90', 'throughput', 'mean batch', 'errors'], rows))
     print(f"\nmedian latency, {a.clients} clients / 1 client (median of per-round ratios {', '.join(f'{x:.2f}' for x in per_round)}): "
           f"{ratio:.2f}x (goal <= 1.5: {'met' if ratio <= 1.5 else 'MISSED'}); errors: {len(errs)}")
+    # what the cores allow: each request costs CPU in the app and in the clients (same machine); with the cores busy,
+    # n clients cannot be answered faster than n x that cost / cores
+    cores = len(os.sched_getaffinity(0))
+    cost = lambda rs: (sum(r[3] for r in rs) / len(allv(rs, 0)), sum(r[4] for r in rs) / len(allv(rs, 0)))
+    (a1,c1),(an,cn) = cost(one), cost(many)
+    floor = a.clients * (an + cn) / cores
+    print(f"CPU per request: 1 client {a1*1000:.0f} ms in the app + {c1*1000:.0f} ms in the client; {a.clients} clients "
+          f"{an*1000:.0f} + {cn*1000:.0f} ms. With {cores} cores, {a.clients} clients cannot get a median latency under "
+          f"{a.clients} x {(an+cn)*1000:.0f} ms / {cores} = {floor*1000:.0f} ms = "
+          f"{floor / statistics.median(allv(one, 0)):.2f}x the single client's median")
     for e in errs[:5]: print('  ', e)
     return 0 if not errs else 1
 
@@ -128,6 +146,7 @@ if __name__ == '__main__':
     p.add_argument('--model', default=None, help="an exported learner instead of the made-up one")
     p.add_argument('--max-batch-size', type=int, default=4)
     p.add_argument('--threads', type=int, default=1, help="torch threads of the app (default 1)")
+    p.add_argument('--workers', type=int, default=1, help="batches the app computes at once (default 1)")
     p.add_argument('--dir', default=None, help="work folder (default: a temp folder)")
     a = p.parse_args()
     if a.quick: a.seconds,a.rounds = 10, 2

@@ -275,6 +275,8 @@ def add_app_args(p:argparse.ArgumentParser, # the parser (or subparser) that get
     p.add_argument('--examples', default=None, help="a folder of example images shown under the page")
     p.add_argument('--topk', type=int, default=5, help="classes listed with their probabilities (default: 5)")
     p.add_argument('--max-batch-size', type=int, default=4, help="requests computed together (default: 4)")
+    p.add_argument('--workers', type=int, default=1, help="batches computed at once, each in its own thread (default: "
+                   "1; on a CPU, as many as cores with OMP_NUM_THREADS=1 each)")
     p.add_argument('--title', default=None, help="the page's title (default: the model file's name)")
     add_import_arg(p)
     return p
@@ -291,7 +293,8 @@ def app_main(args:argparse.Namespace, # parsed by a parser that `add_app_args` s
         for m in methods or []: get_method(m)       # before loading the model
         learn = load_cam_learner(args.model, imports=args.imports)
         demo = learn.cam_app(methods, args.layers, args.examples, topk=args.topk,
-                             title=args.title or Path(args.model).name, max_batch_size=args.max_batch_size)
+                             title=args.title or Path(args.model).name, max_batch_size=args.max_batch_size,
+                             workers=args.workers)
     except (ValueError, IndexError, FileNotFoundError) as e: err(e); return 2
     demo.launch(server_name=args.host, server_port=args.port, show_error=True)
     return 0
