@@ -92,7 +92,7 @@ def main(argv=None):
     add("`cam_maps` + `upsample` + `minmax` / `cam_maps` (Grad-CAM)", t, 'e2e', 'raw')
     if 'cam_batch' in t:
         add("`learn.cam_batch(xb, method='gradcam')` / `cam_maps` (Grad-CAM)", t, 'cam_batch', 'raw')
-        add("`learn.cam(dl=dl, method='gradcam')` (one batch, via `get_preds`) / `cam_maps`", t, 'cam_dl', 'raw')
+        add("`learn.cam(dl=dl, method='gradcam')` (one batch, its own validation loop) / `cam_maps`", t, 'cam_dl', 'raw')
 
     # Score-CAM, batch 1: K masked forwards are unavoidable
     sarch, ssize = ('resnet18', 112) if a.quick else (a.scorecam_arch, a.size)
