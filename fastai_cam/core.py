@@ -6,7 +6,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #d5f6dc1a
 from __future__ import annotations
-import difflib, numbers, math, threading, contextvars, copy, weakref
+import difflib, numbers, math, threading, copy, weakref
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -127,14 +127,9 @@ def find_layer(model:nn.Module, # the model
     raise LayerError(f"`layer` must be a module, a name or None, not {type(layer).__name__}")
 
 # %% ../nbs/00_core.ipynb #84e3f477
-_paused = contextvars.ContextVar('fastai_cam_hooks_paused', default=False)
-
-@contextmanager
 def hooks_paused():
-    "Every `LayerHook` stands aside for the forward passes run in this block, in this thread only (Score-CAM's masked passes)"
-    token = _paused.set(True)
-    try: yield
-    finally: _paused.reset(token)
+    "Every `LayerHook` stands aside for the forward passes run in this block, in this thread only: they are Score-CAM's masked passes (`masked_passes`)"
+    return masked_passes()
 
 class LayerHook:
     "Context manager: a forward hook on `module` that keeps its output and, if `grad`, starts autograd there (for the entering thread only)"
@@ -147,7 +142,7 @@ class LayerHook:
         self.handle,self.acts,self.n_calls,self._grad_on,self._owner = None,None,0,False,None
     def hook(self, m, inp, out):
         "The forward hook: keep `out` in `acts` (detached, or a tensor that requires grad) and pass a copy on"
-        if threading.get_ident() != self._owner or _paused.get(): return   # another caller's forward, or a masked pass
+        if threading.get_ident() != self._owner or in_masked_pass(): return   # another caller's forward, or a masked pass
         if not isinstance(out, Tensor):
             raise LayerOutputError(f"Layer {self.name or type(m).__name__!r} outputs a {type(out).__name__}, not a tensor: "
                                    "choose another layer (e.g. the body, one of its stages or one of its blocks).")
@@ -259,7 +254,7 @@ def map_layer(model:nn.Module, # the model
     if callable(x) and not isinstance(x, Tensor): x = x()
     me,calls = threading.get_ident(),[]
     def hook(m, inp, out):
-        if threading.get_ident() == me and not _paused.get() and isinstance(out, Tensor): calls.append((m, out, out.grad_fn))
+        if threading.get_ident() == me and not in_masked_pass() and isinstance(out, Tensor): calls.append((m, out, out.grad_fn))
     names = {m:n for n,m in reversed(list(model.named_modules()))}              # a module's first name
     with torch.inference_mode(False):
         xs = tuple(t[:1].clone().requires_grad_(t.is_floating_point()) if isinstance(t, Tensor) and t.ndim else t
@@ -372,7 +367,7 @@ def scorecam_scores(model:nn.Module, # the model, hook inactive
             except RuntimeError: nhwc = False                     # e.g. a model that .view()s a 4-d tensor
         return model(inp)
     def score(out, p): return target_scores(target, out, items[p])[torch.arange(len(p), device=A.device), classes[p]].float()
-    with torch.no_grad(), hooks_paused(), masked_passes():        # the masked passes are not predictions: no hook acts
+    with torch.no_grad(), hooks_paused():                         # the masked passes are not predictions: no hook acts
         if len(pi) < N*K:                                         # constant channels: the zero image, one forward for all
             one = lambda t: t.expand(N, *t.shape[1:]) if t.ndim and len(t) == 1 else t
             scores[:] = score(_map_tensors(one, fwd(torch.zeros_like(x[:1]))), torch.arange(N, device=A.device))[:,None]

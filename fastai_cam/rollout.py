@@ -12,8 +12,8 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .methods import Method
 from .layouts import Layout, LayerError, LayerOutputError, token_grid
-from .targets import select
-from .core import CAMOutput, find_layer, _paused, _rounds, _main_output
+from .targets import select, in_masked_pass
+from .core import CAMOutput, find_layer, _rounds, _main_output
 
 # %% auto #0
 __all__ = ['attention_rollout', 'grad_rollout', 'attention_modules', 'attention_layer', 'AttentionHook', 'token_reader',
@@ -113,7 +113,7 @@ class AttentionHook:
         L = len(self.atts)
         self.probs,self.vals,self.outs,self._q = [None]*L,[None]*L,[None]*L,[None]*L
         self.acts,self.n_calls = None,0
-    def _mine(self)->bool: return threading.get_ident() == self._owner and not _paused.get()
+    def _mine(self)->bool: return threading.get_ident() == self._owner and not in_masked_pass()
     def _start_grad(self, t:Tensor)->Tensor:
         "`t`, or a leaf copy that requires grad (autograd switched on) when nothing upstream is recorded"
         if t.requires_grad: return t
