@@ -27,12 +27,12 @@ def free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
-def start_app(model, port, method, max_batch_size, threads, workers=1, timeout=300):
+def start_app(model, port, method, max_batch_size, threads, workers=None, timeout=300):
     "The app in a new process; returns it once its page answers"
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'PYTHONWARNINGS': 'ignore', 'GRADIO_ANALYTICS_ENABLED': 'False',
            'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
     p = subprocess.Popen([sys.executable, '-m', 'fastai_cam.app', str(model), '--port', str(port), '--methods', method,
-                          '--max-batch-size', str(max_batch_size), '--workers', str(workers)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          '--max-batch-size', str(max_batch_size)] + (['--workers', str(workers)] if workers else []), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t_end = time.time() + timeout
     while time.time() < t_end:
         if p.poll() is not None: raise RuntimeError(f'the app exited: {p.stderr.read()}')
@@ -111,7 +111,7 @@ def main(a):
     errs = allv(one, 2) + allv(many, 2)
     ratio = statistics.median(per_round)
     print(f"\n{machine()}; {a.rounds} rounds of {T:.0f} s per phase; app: `python -m fastai_cam.app` ({a.arch if not a.model else model.name}, "
-          f"{a.method}, max batch {a.max_batch_size}, workers {a.workers}, torch threads {a.threads}); total {time.time()-t0:.0f} s\n")
+          f"{a.method}, max batch {a.max_batch_size}, workers {a.workers or 'per core'}, torch threads {a.threads}); total {time.time()-t0:.0f} s\n")
     rows = []
     for n,rs in ((1, one), (a.clients, many)):
         lat,bs = allv(rs, 0), allv(rs, 1)
@@ -146,7 +146,7 @@ if __name__ == '__main__':
     p.add_argument('--model', default=None, help="an exported learner instead of the made-up one")
     p.add_argument('--max-batch-size', type=int, default=4)
     p.add_argument('--threads', type=int, default=1, help="torch threads of the app (default 1)")
-    p.add_argument('--workers', type=int, default=1, help="batches the app computes at once (default 1)")
+    p.add_argument('--workers', type=int, default=None, help="batches the app computes at once (default: the app's, one per core)")
     p.add_argument('--dir', default=None, help="work folder (default: a temp folder)")
     a = p.parse_args()
     if a.quick: a.seconds,a.rounds = 10, 2

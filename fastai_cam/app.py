@@ -6,7 +6,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/app.html.md"""
 
 # %% ../nbs/15_app.ipynb #1dca6dbe
 from __future__ import annotations
-import re, sys, argparse, tempfile, threading, time, shutil, weakref
+import os, re, sys, argparse, tempfile, threading, time, shutil, weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,8 +275,8 @@ def add_app_args(p:argparse.ArgumentParser, # the parser (or subparser) that get
     p.add_argument('--examples', default=None, help="a folder of example images shown under the page")
     p.add_argument('--topk', type=int, default=5, help="classes listed with their probabilities (default: 5)")
     p.add_argument('--max-batch-size', type=int, default=4, help="requests computed together (default: 4)")
-    p.add_argument('--workers', type=int, default=1, help="batches computed at once, each in its own thread (default: "
-                   "1; on a CPU, as many as cores with OMP_NUM_THREADS=1 each)")
+    p.add_argument('--workers', type=int, default=None, help="batches computed at once, each in its own thread "
+                   "(default: one per core, up to 4, torch's threads shared among them)")
     p.add_argument('--title', default=None, help="the page's title (default: the model file's name)")
     add_import_arg(p)
     return p
@@ -292,12 +292,18 @@ def app_main(args:argparse.Namespace, # parsed by a parser that `add_app_args` s
     try:
         for m in methods or []: get_method(m)       # before loading the model
         learn = load_cam_learner(args.model, imports=args.imports)
+        workers = args.workers or min(_cores(), 4)
+        if workers > 1: torch.set_num_threads(max(1, torch.get_num_threads() // workers))   # this process is the app's
         demo = learn.cam_app(methods, args.layers, args.examples, topk=args.topk,
                              title=args.title or Path(args.model).name, max_batch_size=args.max_batch_size,
-                             workers=args.workers)
+                             workers=workers)
     except (ValueError, IndexError, FileNotFoundError) as e: err(e); return 2
     demo.launch(server_name=args.host, server_port=args.port, show_error=True)
     return 0
+
+def _cores()->int:
+    "The cores this process may run on"
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 def _cli(argv=None):
     "Entry point of `python -m fastai_cam.app`"
