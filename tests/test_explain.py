@@ -18,12 +18,7 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore',
        'PYTHONPATH': os.pathsep.join([str(ROOT)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "The machine is shared: one thread per process is faster than threads spinning against each other"
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py: one torch thread (the machine is shared)
 
 
 @pytest.fixture(scope='module')

@@ -85,11 +85,7 @@ if __name__ == '__main__':
 '''
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py: one torch thread (the machine is shared)
 
 
 @pytest.fixture(scope='module')
