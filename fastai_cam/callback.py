@@ -255,7 +255,7 @@ class CAMCallback(HookCallback):
         try:
             out = finish_cams(self._meth, self._hook, pred, self._batch_cls(len(xb[0])), self._head, self.learn.model,
                               xb[0], self._lname, self.batch_size, retain_graph=not last,
-                              target=self._batch_target(len(xb[0])), reshape=self.reshape)
+                              target=self._batch_target(len(xb[0])), reshape=self.reshape, rest=tuple(xb[1:]))
             done = True
         finally:
             self._hook.restore_grad_mode()

@@ -6,7 +6,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #d5f6dc1a
 from __future__ import annotations
-import difflib, numbers, math, threading, copy, weakref
+import difflib, numbers, math, threading, copy, weakref, warnings
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -349,6 +349,7 @@ def scorecam_scores(model:nn.Module, # the model, hook inactive
                     pbar:Callable|None=None, # wraps the range of batches, e.g. `fastprogress.progress_bar`
                     channels_last:bool|None=None, # masked inputs in `channels_last`; None: on the CPU from 96x96 pixels
                     target:Callable|None=None, # scores of the model's output, as for `select`; None: the class logits
+                    rest:tuple=(), # the model's other inputs: tensors of `len(x)` rows go with their item, the rest as they are
                    )->Tensor: # target scores (N,K)
     "Target score of each input masked by each upsampled, min-max normalised channel of `A`: (N,K)"
     target = target or class_logits
@@ -360,22 +361,29 @@ def scorecam_scores(model:nn.Module, # the model, hook inactive
     scores = torch.empty(N, K, device=A.device)
     if channels_last is None: channels_last = x.device.type == 'cpu' and x.ndim == 4 and math.prod(size) >= 96*96
     nhwc = channels_last and x.ndim == 4
-    def fwd(inp):
+    per_item = [isinstance(t, Tensor) and t.ndim > 0 and len(t) == len(x) for t in rest]
+    def fwd(inp, rows):
+        "The model on masked inputs `inp`, with the other inputs of the items `rows`"
         nonlocal nhwc
+        others = [t[rows] if b else t for t,b in zip(rest, per_item)]
         if nhwc:
-            try: return model(inp.contiguous(memory_format=torch.channels_last))
+            try: return model(inp.contiguous(memory_format=torch.channels_last), *others)
             except RuntimeError: nhwc = False                     # e.g. a model that .view()s a 4-d tensor
-        return model(inp)
+        return model(inp, *others)
     def score(out, p): return target_scores(target, out, items[p])[torch.arange(len(p), device=A.device), classes[p]].float()
     with torch.no_grad(), hooks_paused():                         # the masked passes are not predictions: no hook acts
-        if len(pi) < N*K:                                         # constant channels: the zero image, one forward for all
+        if len(pi) < N*K and any(per_item):                       # constant channels, other inputs per item: a zero image each
+            for s in range(0, N, batch_size):
+                p = torch.arange(s, min(s+batch_size, N), device=A.device)
+                scores[p] = score(fwd(torch.zeros_like(x[items[p]]), items[p]), p)[:,None]
+        elif len(pi) < N*K:                                       # constant channels: the zero image, one forward for all
             one = lambda t: t.expand(N, *t.shape[1:]) if t.ndim and len(t) == 1 else t
-            scores[:] = score(_map_tensors(one, fwd(torch.zeros_like(x[:1]))), torch.arange(N, device=A.device))[:,None]
+            scores[:] = score(_map_tensors(one, fwd(torch.zeros_like(x[:1]), None)), torch.arange(N, device=A.device))[:,None]
         rng = range(0, len(pi), batch_size)
         for s in (pbar(rng) if pbar else rng):
             p,k = pi[s:s+batch_size], ki[s:s+batch_size]
             masks = scorecam_masks(A[items[p], k][:,None], size).to(x.dtype)    # (b,1,*size)
-            scores[p,k] = score(fwd(x[items[p]] * masks), p)
+            scores[p,k] = score(fwd(x[items[p]] * masks, items[p]), p)
     return scores
 
 # %% ../nbs/00_core.ipynb #74c461c2
@@ -523,10 +531,14 @@ def finish_cams(meth:Method, # the method, from `prepare`
                 retain_graph:bool=False, # keep the graph after the backward passes (another callback still needs it)
                 target:Callable|None=None, # `f(out)` or `f(out, items=None)` -> (B,) or (B,T) scores; None: class logits
                 reshape:Callable|None=None, # a function from the layer's output to (B,K,*grid), for layouts not recognised
+                rest:tuple=(), # Score-CAM: the model's other inputs (after `x`), given with each masked input
                )->CAMOutput:
     "From the hooked forward's activations and output, compute the maps of the chosen targets"
     if hook.acts is None:
         raise LayerError(f"Layer {name!r} did not run during the forward pass: choose a layer the model uses.")
+    if hook.n_calls > 1:     # a module used twice (a shared block, torchvision's BasicBlock.relu): the last call is kept
+        warnings.warn(f"Layer {name!r} ran {hook.n_calls} times in one forward pass: the maps are of its last call. To "
+                      "explain another call, choose a module that runs once (e.g. the block around it).", stacklevel=2)
     if meth.name in ATTENTION_METHODS: return _rollout().attention_cams(meth, hook, out, cls, model, x, name, retain_graph, target)
     raw = hook.acts
     layout = read_layout(raw, hook.module, model, x, reshape, name)
@@ -542,7 +554,8 @@ def finish_cams(meth:Method, # the method, from `prepare`
         G = layout(_grads(sel.table, raw, sel.items, sel.cols, name, retain_graph, sel.rounds))
         maps = meth.fn(A[sel.items], G)
     elif meth.name == 'scorecam':
-        maps = scorecam(A[sel.items], scorecam_scores(model, x, A, sel.items, sel.cols, batch_size, pbar, target=sel.target))
+        maps = scorecam(A[sel.items], scorecam_scores(model, x, A, sel.items, sel.cols, batch_size, pbar, target=sel.target,
+                                                      rest=rest))
     else: maps = meth.fn(A[sel.items])
     return CAMOutput(maps.float(), _main_output(out), sel.items, sel.cols, A, sel.scores, layout)
 
@@ -575,7 +588,8 @@ def compute_cams(model:nn.Module, # any model: its output is class logits, or an
         with torch.no_grad():
             try: out = model(*xs)
             finally: hook.restore_grad_mode()   # here, inside no_grad: also when the forward raises
-        try: res = finish_cams(meth, hook, out, cls, head, model, xs[0], name, batch_size, target=target, reshape=reshape)
+        try: res = finish_cams(meth, hook, out, cls, head, model, xs[0], name, batch_size, target=target, reshape=reshape,
+                                   rest=xs[1:])
         finally: hook.reset()
     if not keep_acts: res.acts = None
     return res

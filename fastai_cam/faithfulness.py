@@ -14,13 +14,14 @@ import pandas as pd
 import matplotlib.pyplot as plt
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
+from collections.abc import Mapping
 from fastcore.basics import patch, first
 from fastprogress.fastprogress import progress_bar, printing
 from fastai.learner import Learner
 from .core import eval_mode, compute_cams, cam_maps, find_layer, prepare
 from .methods import METHODS, get_method, minmax, upsample
 from .callback import resolve_cls
-from .targets import model_output, target_scores
+from .targets import model_output, target_scores, masked_passes
 from .load import load_cam_learner, add_import_arg
 from .metrics import pointing_game
 from .explain import dist_env, _device, collect_images, check_image, atomic_write, _expand_args, _parse_cls
@@ -209,6 +210,18 @@ def _baseline(base, x):
     if isinstance(base, (int, float)) or (isinstance(base, Tensor) and base.ndim == 0): return float(base)
     return torch.as_tensor(base, dtype=x.dtype, device=x.device).expand_as(x)
 
+def _cat_outputs(outs:list):
+    "The outputs of several batches as one: tensors joined along the batch, in any nesting of tuples, lists and dicts"
+    o = outs[0]
+    if len(outs) == 1: return o
+    if isinstance(o, Tensor): return torch.cat(outs) if o.ndim else o
+    if isinstance(o, (tuple, list)) and not hasattr(o, '_fields'): return type(o)(_cat_outputs(list(v)) for v in zip(*outs))
+    if isinstance(o, Mapping):
+        c = copy.copy(o)
+        for k in o: c[k] = _cat_outputs([d[k] for d in outs])
+        return c
+    return o
+
 def _scores_of(model, n_rows, make, score, bs, dev):
     "Target scores of `n_rows` inputs built by `make(rows) -> (inputs, items)`, run in batches of at most `bs` rows"
     out = [score(model(xb), items).float() for xb,items in
@@ -230,7 +243,7 @@ def faithfulness(model:nn.Module, # the model (switched to eval mode for the cal
                  ids=None, # (n,) item ids (default 0..n-1): ROAD's noise of an item depends only on `seed` and its id
                  act=None, # activation turning the outputs into probabilities (default: softmax) for class targets
                  bs:int=64, # inputs per forward pass
-                 clean=None, # the model's output for `x`, when already computed (saves a forward pass)
+                 clean=None, # the model's output for `x` (as the model returns it), when already computed (saves a forward pass)
                 )->dict: # metric name -> `Curves` (deletion, insertion, road_*) or a (n,) tensor (avg_drop, increase)
     "The faithfulness metrics of `maps` for the model's `targets` on `x`, every perturbed input in batches of `bs`"
     metrics = _check_metrics(metrics)
@@ -246,47 +259,49 @@ def faithfulness(model:nn.Module, # the model (switched to eval mode for the cal
     items = torch.arange(n, device=dev)
     res = {}
     with eval_mode(model), torch.no_grad():
-        if clean is None: clean = torch.cat([model_output(model(x[s:s+bs])) for s in range(0, n, bs)])
+        if clean is None: clean = _cat_outputs([model(x[s:s+bs]) for s in range(0, n, bs)])   # a dict output stays one
         if targets is None: targets = model_output(clean).argmax(-1)
         score = _score_fn(targets, act)
-        y0 = score(clean, items).float()
+        y0 = score(clean, items).float()     # a target that fixes something from the output (RegionTarget's pixels) does it here
         if y0.shape != (n,): raise ValueError(f"The target gives scores of shape {tuple(y0.shape)}: one score per item, ({n},), is needed.")
-        rank = pixel_ranks(maps) if set(metrics) - {'avg_drop', 'increase'} else None
-        for kind in ('deletion', 'insertion'):
-            if kind not in metrics: continue
-            base = _baseline(deletion_baseline if kind == 'deletion' else insertion_baseline, x)
-            ks = (torch.arange(steps+1, device=dev) * P) // steps      # pixels deleted (inserted) at each step
-            first = 1 if kind == 'deletion' else 0                      # the clean input (its end) needs no forward
-            def make(r, base=base, kind=kind, first=first, ks=ks):
-                i,s = r // steps, r % steps + first
-                m = (rank[i] < ks[s][:,None]).view(-1, 1, H, W)          # the pixels deleted (inserted) in each row
-                if kind == 'insertion': m = ~m                           # the pixels that still show the baseline
-                if isinstance(base, float): return x[i].masked_fill_(m, base), i     # x[i] is a copy: fill it in place
-                return torch.where(m, base[i], x[i]), i
-            sc = _scores_of(model, n*steps, make, score, bs, dev).view(n, steps)
-            curve = torch.cat([y0[:,None], sc], 1) if kind == 'deletion' else torch.cat([sc, y0[:,None]], 1)
-            fr = torch.arange(steps+1, device=dev) / steps
-            res[kind] = Curves(fr, curve, torch.trapezoid(curve, fr, dim=1))
-        if 'avg_drop' in metrics or 'increase' in metrics:
-            L = minmax(maps)[:,None]
-            o = _scores_of(model, n, lambda r: (x[r] * L[r], r), score, bs, dev)
-            if 'avg_drop' in metrics: res['avg_drop'] = (y0 - o).clamp_min(0) / y0.clamp_min(1e-12) * 100
-            if 'increase' in metrics: res['increase'] = (o > y0).float() * 100
-        for kind in ('road_morf', 'road_lerf'):
-            if kind not in metrics: continue
-            ks = (P - torch.ceil((P-1) * (100 - ps) / 100 - 1e-9)).long().clamp(1, P-1).to(dev)   # at/above the (100-p)th percentile
-            J = len(ks)
-            def make(r, kind=kind, ks=ks, J=J):
-                i,j = r // J, r % J
-                rm = (rank[i] < ks[j][:,None] if kind == 'road_morf' else rank[i] >= P - ks[j][:,None]).view(-1, H, W)
-                nz = None
-                if noise:
-                    bi,yx = (t.cpu().numpy() for t in rm.flatten(1).nonzero(as_tuple=True))
-                    key = (ids[i.cpu().numpy()] * J + j.cpu().numpy()) * 2 + (kind == 'road_lerf')
-                    nz = noise * _hash_normal(seed, key[bi][:,None], yx[:,None]*C + np.arange(C)[None], stream=3)
-                return linear_impute(x[i], rm, nz), i
-            sc = _scores_of(model, n*J, make, score, bs, dev).view(n, J)
-            res[kind] = Curves((ps/100).float().to(dev), sc, sc.mean(1))
+        # the perturbed inputs are scored like Score-CAM's masked ones: against what the clean forward fixed
+        with masked_passes():
+            rank = pixel_ranks(maps) if set(metrics) - {'avg_drop', 'increase'} else None
+            for kind in ('deletion', 'insertion'):
+                if kind not in metrics: continue
+                base = _baseline(deletion_baseline if kind == 'deletion' else insertion_baseline, x)
+                ks = (torch.arange(steps+1, device=dev) * P) // steps      # pixels deleted (inserted) at each step
+                first = 1 if kind == 'deletion' else 0                      # the clean input (its end) needs no forward
+                def make(r, base=base, kind=kind, first=first, ks=ks):
+                    i,s = r // steps, r % steps + first
+                    m = (rank[i] < ks[s][:,None]).view(-1, 1, H, W)          # the pixels deleted (inserted) in each row
+                    if kind == 'insertion': m = ~m                           # the pixels that still show the baseline
+                    if isinstance(base, float): return x[i].masked_fill_(m, base), i     # x[i] is a copy: fill it in place
+                    return torch.where(m, base[i], x[i]), i
+                sc = _scores_of(model, n*steps, make, score, bs, dev).view(n, steps)
+                curve = torch.cat([y0[:,None], sc], 1) if kind == 'deletion' else torch.cat([sc, y0[:,None]], 1)
+                fr = torch.arange(steps+1, device=dev) / steps
+                res[kind] = Curves(fr, curve, torch.trapezoid(curve, fr, dim=1))
+            if 'avg_drop' in metrics or 'increase' in metrics:
+                L = minmax(maps)[:,None]
+                o = _scores_of(model, n, lambda r: (x[r] * L[r], r), score, bs, dev)
+                if 'avg_drop' in metrics: res['avg_drop'] = (y0 - o).clamp_min(0) / y0.clamp_min(1e-12) * 100
+                if 'increase' in metrics: res['increase'] = (o > y0).float() * 100
+            for kind in ('road_morf', 'road_lerf'):
+                if kind not in metrics: continue
+                ks = (P - torch.ceil((P-1) * (100 - ps) / 100 - 1e-9)).long().clamp(1, P-1).to(dev)   # at/above the (100-p)th percentile
+                J = len(ks)
+                def make(r, kind=kind, ks=ks, J=J):
+                    i,j = r // J, r % J
+                    rm = (rank[i] < ks[j][:,None] if kind == 'road_morf' else rank[i] >= P - ks[j][:,None]).view(-1, H, W)
+                    nz = None
+                    if noise:
+                        bi,yx = (t.cpu().numpy() for t in rm.flatten(1).nonzero(as_tuple=True))
+                        key = (ids[i.cpu().numpy()] * J + j.cpu().numpy()) * 2 + (kind == 'road_lerf')
+                        nz = noise * _hash_normal(seed, key[bi][:,None], yx[:,None]*C + np.arange(C)[None], stream=3)
+                    return linear_impute(x[i], rm, nz), i
+                sc = _scores_of(model, n*J, make, score, bs, dev).view(n, J)
+                res[kind] = Curves((ps/100).float().to(dev), sc, sc.mean(1))
     return res
 
 # %% ../nbs/13_faithfulness.ipynb #8f9cde02

@@ -116,13 +116,20 @@ def token_grid(model:nn.Module|None, # the model (searched for a timm or torchvi
         if hasattr(m, 'class_token') and hasattr(m, 'conv_proj') and hasattr(m, 'patch_size'):   # torchvision ViT
             grid = (size[0]//m.patch_size, size[1]//m.patch_size)
             if 1 + _prod(grid) == n_tokens: return 1, grid
-    fits = []
-    for p in range(0, min(17, n_tokens)):               # no model attribute: the unique (prefix, grid) that fits
+    fits = []                                           # no model attribute: the shape alone
+    for p in range(0, min(17, n_tokens)):               # grids that fit the input's aspect ratio roughly
         n = n_tokens - p
         gh = max(1, round(math.sqrt(n*size[0]/size[1])))
         for h in {gh-1, gh, gh+1} - {0}:
             if n % h == 0 and _fits((h, n//h), size, tol=1.1): fits.append((p, (h, n//h)))
+    if len(size) == 2:                                  # the one grid of a single patch size, unless a rough fit has fewer prefix tokens
+        H,W = size
+        exact = [(n_tokens - (H//s)*(W//s), (H//s, W//s)) for s in range(1, min(H, W)//2 + 1)
+                 if H % s == 0 and W % s == 0 and 0 <= n_tokens - (H//s)*(W//s) <= 16]
+        if len(exact) == 1 and not any(p < exact[0][0] for p,_ in fits): return exact[0]
+        if exact: return None
     return fits[0] if len(fits) == 1 else None
+
 
 # %% ../nbs/01a_layouts.ipynb #5f26a753
 def read_layout(out:Tensor, # the layer's output

@@ -167,6 +167,7 @@ def minmax(maps:Tensor, # (..., *grid): the last `dims` axes are the map
     lo,hi = flat.aminmax(dim=-1, keepdim=True)
     rng = hi - lo
     # relative threshold: upsampling a constant map leaves float rounding noise that must not be stretched to [0,1]
+    # (so a map whose variation is below 1e-5 of its offset, e.g. 0.5 on top of 1e5, also reads as constant)
     rng = torch.where(rng <= rtol*torch.maximum(hi.abs(), lo.abs()) + 1e-30, torch.inf, rng)   # constant: (x-lo)/inf = 0
     return (flat - lo).div_(rng).view_as(maps)      # three passes over the maps: aminmax, subtract, divide
 

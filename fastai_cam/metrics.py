@@ -33,7 +33,7 @@ def _size(size, maps:Tensor)->tuple:
 # %% ../nbs/05_metrics.ipynb #9e9e7556
 def pointing_game(maps, # (n,H,W) maps at input size, or (n,h,w) raw maps with `size` given
                   boxes, # (n,4) boxes (x0,y0,x1,y1) in input pixels, end excluded
-                  tol:float=0, # tolerance in input pixels: the box grows by `tol` on every side (Zhang et al. use 15)
+                  tol:float=0, # tolerance in input pixels: a peak at most `tol` from the box hits too (Zhang et al. use 15)
                   size=None, # (H,W) (or an int) input size when `maps` are raw; None: maps are at input size
                   reduction:str='mean', # 'mean': share of hits (a float); 'none': a bool per map
                  ):
@@ -42,10 +42,16 @@ def pointing_game(maps, # (n,H,W) maps at input size, or (n,h,w) raw maps with `
     n,h,w = maps.shape
     b = _as_boxes(boxes, n).to(maps.device)
     H,W = _size(size, maps)
-    idx = maps.flatten(1).argmax(1)   # the first maximum in row-major order
+    flat = maps.flatten(1)
+    idx = flat.argmax(1)                        # the first maximum in row-major order
     cy = ((idx // w).float() + 0.5) * (H / h)   # centre of the peak cell, in input pixels
     cx = ((idx %  w).float() + 0.5) * (W / w)
-    hit = (cx >= b[:,0]-tol) & (cx < b[:,2]+tol) & (cy >= b[:,1]-tol) & (cy < b[:,3]+tol)
+    hit = (cx >= b[:,0]) & (cx < b[:,2]) & (cy >= b[:,1]) & (cy < b[:,3])
+    if tol > 0:                                 # the Euclidean distance from the peak to the box
+        dx = (b[:,0] - cx).clamp_min(0) + (cx - b[:,2]).clamp_min(0)
+        dy = (b[:,1] - cy).clamp_min(0) + (cy - b[:,3]).clamp_min(0)
+        hit |= dx.square() + dy.square() <= tol**2
+    hit &= flat.amax(1) > flat.amin(1)          # a constant (blank) map has no peak: a miss
     if reduction == 'none': return hit
     if reduction == 'mean': return hit.float().mean().item()
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")

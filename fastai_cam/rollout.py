@@ -124,6 +124,16 @@ class AttentionHook:
         if i == 0: self.n_calls += 1
         self.acts = self.probs
     # timm's `Attention`: q and k after their norms, v from `qkv`, the heads' output at the input of `proj`
+    def _timm_in(self, i, m, args, kwargs):
+        "Refuse a call whose attention is not softmax(q k^T scale) of the normed q and k: rotary embeddings, a mask, causal"
+        if not self._mine(): return
+        extra = [a for a in args[1:] if a is not None and a is not False] + \
+                [k for k in ('rope', 'attn_mask', 'is_causal') if kwargs.get(k) is not None and kwargs.get(k) is not False]
+        if extra:
+            raise LayerError(f"Attention rollout recomputes each block's softmax(q k^T) from its q and k, but "
+                             f"{type(m).__name__} was called with {', '.join(e if isinstance(e, str) else 'a mask' for e in extra)} "
+                             "(rotary embeddings, a mask or causal attention), which that leaves out. Use a gradient method "
+                             "such as method='gradcam'.")
     def _timm_q(self, i, m, inp, out):
         if self._mine(): self._q[i] = out.detach()
     def _timm_k(self, i, m, inp, out):
@@ -177,7 +187,11 @@ class AttentionHook:
                 if self.grad and not (isinstance(getattr(a, 'norm', None), (nn.Identity, type(None))) and getattr(a, 'gate', None) is None):
                     raise LayerError(f"Gradient rollout reads the heads' output at the input of `proj`, but {type(a).__name__} "
                                      "normalises or gates it first: use method='rollout'.")
-                self.handles += [a.q_norm.register_forward_hook(partial(self._timm_q, i)),
+                if self.grad and getattr(a, 'q_bias', None) is not None:    # EVA: qkv runs as F.linear, its hook never fires
+                    raise LayerError(f"Gradient rollout reads the values from `qkv`, which {type(a).__name__} applies with its own "
+                                     "bias (`q_bias`, `v_bias`) without calling it: use method='rollout'.")
+                self.handles += [a.register_forward_pre_hook(partial(self._timm_in, i), with_kwargs=True),
+                                 a.q_norm.register_forward_hook(partial(self._timm_q, i)),
                                  a.k_norm.register_forward_hook(partial(self._timm_k, i))]
                 if self.grad: self.handles += [a.qkv.register_forward_hook(partial(self._timm_v, i)),
                                                a.proj.register_forward_pre_hook(partial(self._timm_o, i))]

@@ -122,11 +122,12 @@ def test_grid_and_prefix_inference():
     assert token_grid(FAMILIES[3][1], 2 + 24, (64, 96)) == (2, (4, 6))        # DeiT: class + distillation tokens
     assert token_grid(FAMILIES[4][1], 5 + 25, (70, 70)) == (5, (5, 5))        # DINOv2: class + 4 registers
     assert token_grid(FAMILIES[-2][1], 17, (64, 64)) == (1, (4, 4))           # torchvision: one class token
-    # no model: the shape alone, when exactly one (prefix, grid) fits the input's aspect ratio
+    # no model: the shape alone, when one patch size gives the only grid (at most 16 prefix tokens)
     assert token_grid(None, 5 + 14*14, (224, 224)) == (5, (14, 14))
-    assert token_grid(None, 1 + 14*14, (224, 224)) is None                    # 15 + 13x14 fits a 224-px square too
+    assert token_grid(None, 1 + 14*14, (224, 224)) == (1, (14, 14))           # 15 + 13x14 needs unequal strides
     assert token_grid(None, 4 + 6*8, (96, 128)) == (4, (6, 8))
-    assert token_grid(None, 30, (70, 70)) is None                             # 5 + 5x5 or 14 + 4x4: ambiguous
+    assert token_grid(None, 1 + 4*4, (70, 70)) is None                        # 16-px patches floored, or 13 + 2x2 of 35 px
+    assert token_grid(None, 64, (224, 224)) is None                           # 8x8 of 28 px, or 15 + 7x7 of 32 px
 
 def test_1d_3d_cam_is_zhou():
     "CAM at the layer feeding a 1-D or 3-D GAP -> Linear head is `w_c . a` at each position, exactly"
