@@ -6,16 +6,21 @@ Docs: https://fastai-cam.github.io/fastai_cam/cli.html.md"""
 
 # %% ../nbs/06_cli.ipynb #5f9ac79d
 from __future__ import annotations
-import sys, json, time, argparse, contextlib
+import sys, json, time, argparse, contextlib, warnings
 from pathlib import Path
-import matplotlib.pyplot as plt
-from .methods import METHODS, get_method
-from .data import demo_learner
-from .metrics import pointing_game, energy_pointing_game
-from .learner import *   # `Learner.cam`, `Learner.show_cam`
-from .explain import add_explain_args, explain_main
-from .faithfulness import add_evaluate_args, evaluate_main
-from .app import add_app_args, app_main   # Gradio is imported only when an app is built
+with warnings.catch_warnings():
+    # importing fastai calls `torch.jit.script` (fastai/layers.py), which recent torch flags as deprecated, once per
+    # call: without this, `fastai-cam --help` starts with that warning. Only it, and only while these modules load.
+    warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning,
+                            module=r'torch\.jit\._script')
+    import matplotlib.pyplot as plt
+    from fastai_cam.methods import METHODS, ATTENTION_METHODS, get_method
+    from fastai_cam.data import demo_learner
+    from fastai_cam.metrics import pointing_game, energy_pointing_game
+    from fastai_cam.learner import *   # `Learner.cam`, `Learner.show_cam`
+    from fastai_cam.explain import add_explain_args, explain_main
+    from fastai_cam.faithfulness import add_evaluate_args, evaluate_main
+    from fastai_cam.app import add_app_args, app_main   # Gradio is imported only when an app is built
 
 # %% auto #0
 __all__ = ['add_demo_args', 'demo', 'demo_main', 'make_parser', 'main']
@@ -31,7 +36,8 @@ def add_demo_args(p:argparse.ArgumentParser, # the parser (or subparser) that ge
     p.add_argument('--seed', type=int, default=0, help="seed of the data and the weights (default: 0)")
     p.add_argument('--lr', type=float, default=1e-2, help="maximum learning rate (default: 0.01)")
     p.add_argument('--bs', type=int, default=64, help="batch size (default: 64)")
-    p.add_argument('--method', default='cam', help=f"CAM method, one of: {', '.join(METHODS)} (default: cam)")
+    p.add_argument('--method', default='cam', help=f"CAM method, one of: {', '.join(METHODS)} (default: cam); "
+                   f"{', '.join(ATTENTION_METHODS)} are for transformers, not the demo's CNN")
     p.add_argument('--tol', type=float, default=0, help="pointing game tolerance in pixels (default: 0)")
     p.add_argument('--n-show', type=int, default=16, help="images in cam_grid.png (default: 16)")
     p.add_argument('-q', '--quiet', action='store_true', help="no progress bar or training table")

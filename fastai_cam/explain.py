@@ -20,7 +20,7 @@ from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.data.transforms import get_files, image_extensions
 from .core import prepare
-from .methods import METHODS
+from .methods import METHODS, ATTENTION_METHODS
 from .callback import is_multilabel, learner_vocab, class_index, learner_task, Columns
 from .targets import ClassTarget, RegionTarget, RegressionTarget, PointTarget, OutputField
 from .learner import _default, _method, _px, cam_titles  # and `Learner.cam`
@@ -354,7 +354,7 @@ def find_function(spec:str, # 'NAME' (defined in one of `imports`), 'MODULE:NAME
 def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a `Learner`
                 paths, # image files, folders (searched recursively), or `@list.txt` (one path a line)
                 out, # output folder: overlays, `predictions.csv`, `maps.npz`
-                method:str|None=None, # a CAM method (default: 'cam'), see `METHODS`
+                method:str|None=None, # a CAM method, see `METHODS` and `ATTENTION_METHODS` (default: 'cam'; 'gradcam' for a segmentation learner)
                 layer:str|None=None, # a dotted layer name, or None (the layer feeding the pooling head)
                 cls=None, # the class to explain (a label or an index; several, comma-separated); None: the predicted class
                 target=None, # what to explain instead of a class: a target, or its `--target` form ('region:building', 'point:0:x')
@@ -482,8 +482,8 @@ def add_explain_args(p:argparse.ArgumentParser, # the parser (or subparser) that
     p.add_argument('-o', '--out', required=True, help="output folder: an overlay PNG per image (keeping the folder "
                    "structure under the inputs' common folder), predictions.csv, maps.npz")
     add_import_arg(p)   # --import helpers.py: the code the learner needs
-    p.add_argument('--method', default=None, help=f"CAM method, one of: {', '.join(METHODS)} (default: cam; gradcam "
-                   "for a segmentation learner)")
+    p.add_argument('--method', default=None, help=f"CAM method, one of: {', '.join(METHODS)}; for transformers: "
+                   f"{', '.join(ATTENTION_METHODS)} (default: cam; gradcam for a segmentation learner)")
     p.add_argument('--layer', default=None, help="dotted name of the layer (default: the one feeding the pooling head; "
                    "a U-Net's last decoder block; else the last feature map of a traced forward pass)")
     p.add_argument('--cls', default=None, help="class to explain, a label or an index, or several comma-separated "

@@ -112,7 +112,7 @@ def cam(self:Learner,
         items=None, # an item or a list of items (PIL images, paths, arrays: what `dls.test_dl` takes)
         dl=None, # or a `DataLoader` (e.g. `dls.valid`, `dls.test_dl(files)`)
         cls=None, # None (predicted), a label or index, or one per item (a list per item for several)
-        method:str|None=None, # 'cam', 'gradcam', 'gradcam++', 'xgradcam', 'hirescam', 'layercam', 'scorecam', 'eigencam'
+        method:str|None=None, # 'cam', 'gradcam', 'gradcam++', 'xgradcam', 'hirescam', 'layercam', 'scorecam', 'eigencam'; for transformers 'rollout', 'gradrollout' (default: the attached callback's, else 'cam'; 'gradcam' for a segmentation learner)
         layer=None, # a module, a dotted name, or None (`auto_layer`: the layer feeding the pooling head, ...)
         with_input:bool|None=None, # keep the inputs for `.show()` (default: True for items, False for a dl)
         bs:int|None=None, # batch size of the test loader made from `items`
@@ -336,7 +336,7 @@ def cam_batch(self:Learner, xb, cls=None, method:str|None=None, layer=None, targ
 def show_cam(self:Learner,
              item=None, # an item or a list of items; None: the last `predict` cached by an attached `CAMCallback`
              cls=None, # None (predicted), a label or index, or one per item
-             method:str|None=None, # a CAM method (default: the attached callback's, else 'cam')
+             method:str|None=None, # a CAM method (default: the attached callback's, else 'cam'; 'gradcam' for a segmentation learner)
              layer=None, # a module, a dotted name, or None (`auto_layer`)
              dl=None, # draw the first `max_n` items of this loader, titled actual/predicted
              target=None, # what to explain instead of a class (see `Learner.cam`)
