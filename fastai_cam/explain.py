@@ -228,9 +228,9 @@ def _read_csv(fn)->list:
     if not Path(fn).exists(): return []
     with open(fn, newline='', encoding='utf-8') as f: return list(csv.DictReader(f))
 
-def _write_csv(fn, rows):
+def _write_csv(fn, rows, columns=EXPLAIN_COLUMNS):
     with atomic_write(fn, 'w') as f:
-        w = csv.DictWriter(f, EXPLAIN_COLUMNS, extrasaction='ignore')
+        w = csv.DictWriter(f, columns, extrasaction='ignore')
         w.writeheader(); w.writerows(rows)
 
 def _write_npz(fn, maps:dict):
@@ -439,7 +439,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
     if isinstance(reshape, str): reshape = find_function(reshape, imports)
     files,root = collect_images(paths, exclude=out)
     if not files: raise FileNotFoundError(_no_files(paths, out))
-    prepare(learn.model, method, layer, target, x=lambda: _probe(learn, files))   # a model no rule covers: traced on one image
+    meth,lname,_,_ = prepare(learn.model, method, layer, target, x=lambda: _probe(learn, files))   # a model no rule covers: traced on one image
     colormap_lut(cmap)
     if format not in ('png', 'jpg', 'jpeg'): raise ValueError(f"Unknown overlay format {format!r}: use 'png' or 'jpg'.")
     ovs = overlay_names(files, root, '.png' if format == 'png' else '.jpg')
@@ -450,10 +450,11 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
         ex = _Explainer(learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, format, target, reshape)
         prev_rows = {r['overlay']: r for r in _read_csv(out/'predictions.csv')} if skip_existing else {}
         prev_maps = _load_npz(out/'maps.npz') if skip_existing and save_maps else {}
-        todo = []
+        todo,label = [],_request_label(learn, cls, target)
         for f,ov in list(zip(files, ovs))[rank::world]:
-            if skip_existing and (out/ov).exists():
-                ex.rows.append(prev_rows.get(str(ov), dict(file=str(f), overlay=str(ov), error='')))
+            prev = prev_rows.get(str(ov))
+            if skip_existing and (out/ov).exists() and (prev is None or _same_request(prev, meth.name, lname, label)):
+                ex.rows.append({**(prev or dict(file=str(f), overlay=str(ov), error='')), 'skipped': True})
                 if str(f) in prev_maps: ex.maps[str(f)] = prev_maps[str(f)]
             else: todo.append((f, ov))
         chunk = chunk or bs
@@ -490,6 +491,20 @@ def _no_files(paths, out)->str:
     return (f"{msg} outside the output folder --out {out}: its {len(inside)} images are inside it, and the output "
             "folder is never read (it holds the overlays). Write the overlays to another folder.")
 
+_NEVER = object()
+
+def _request_label(learn, cls, target):
+    "The label a one-map-per-image run explains (None: the predicted class); `_NEVER` when its overlays have other names"
+    if target is not None or isinstance(cls, Columns) or learner_task(learn) != 'classification': return _NEVER
+    if cls is None: return None
+    vocab = learner_vocab(learn)
+    return str(vocab[cls]) if vocab else str(cls)
+
+def _same_request(row:dict, method:str, layer:str, label)->bool:
+    "Whether a row of the previous `predictions.csv` explained what this run asks for: same method, layer and class"
+    if label is _NEVER or row.get('method') != method or row.get('layer') != layer: return False
+    return row.get('cls') == (row.get('pred') if label is None else label)
+
 def _probe(learn, files):
     "A batch of the first readable image, to trace a model whose layer no rule finds"
     f = next((f for f in files if check_image(f) is None), None)
@@ -500,13 +515,14 @@ def _merge(ex, out, rank, world, dev, n_ok, n_files, save_maps):
     "Each rank writes partial files; rank 0 merges them into `predictions.csv` (and `maps.npz`) and removes them"
     dist = torch.distributed
     part_csv,part_npz = (lambda r: out/f'.predictions.rank{r}.csv'), (lambda r: out/f'.maps.rank{r}.npz')
-    _write_csv(part_csv(rank), ex.rows)
+    _write_csv(part_csv(rank), ex.rows, EXPLAIN_COLUMNS + ['skipped'])
     if save_maps: _write_npz(part_npz(rank), ex.maps)
     t = torch.tensor([n_ok], device=dev if dev.type == 'cuda' else 'cpu')
     dist.all_reduce(t)            # also a barrier: every partial file is written
     rows = ex.rows
     if rank == 0:
         rows = sorted((r for k in range(world) for r in _read_csv(part_csv(k))), key=lambda r: r['file'])
+        for r in rows: r['skipped'] = r.get('skipped') == 'True'
         _write_csv(out/'predictions.csv', rows)
         if save_maps:
             maps = {}
@@ -591,7 +607,9 @@ def explain_main(args:argparse.Namespace, # parsed by a parser that `add_explain
             f"{Path(args.out)/'predictions.csv'} with its error)")
         return 1
     if not args.quiet and dist_env()[0] == 0:
-        print(f"Explained {n_ok} of {n} images in {time.time()-t0:.1f}s: {Path(args.out)/'predictions.csv'}")
+        n_skip = sum(bool(r.get('skipped')) for r in rows)
+        kept = f", kept {n_skip} explained by an earlier run (--skip-existing)" if n_skip else ''
+        print(f"Explained {n_ok - n_skip} of {n} images{kept} in {time.time()-t0:.1f}s: {Path(args.out)/'predictions.csv'}")
     return 0
 
 def _cli(argv=None):

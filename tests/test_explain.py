@@ -100,8 +100,8 @@ def test_only_corrupt_fails(data, tmp_path, capsys):
     assert 'No image files found' in capsys.readouterr().err
 
 
-def test_skip_existing(data, tmp_path):
-    "A second run with --skip-existing recomputes and rewrites nothing, and keeps the rows"
+def test_skip_existing(data, tmp_path, capsys):
+    "A second run with --skip-existing recomputes and rewrites nothing, and keeps the rows; another method or layer is redone"
     out = tmp_path/'out'
     assert cli(data/'model.pkl', data/'imgs', '--out', out, '-q', '--save-maps') == 0
     rows = read_rows(out)
@@ -120,6 +120,15 @@ def test_skip_existing(data, tmp_path):
     assert victim.exists()
     assert {p: p.stat().st_mtime_ns for p in out.rglob('*.png') if p != victim} == {p: t for p, t in mt.items() if p != victim}
     assert read_rows(out) == rows
+    capsys.readouterr()
+    assert cli(data/'model.pkl', data/'imgs', '--out', out, '--skip-existing') == 0    # the summary counts the kept ones apart
+    assert f"Explained 0 of {N_OK + 1} images, kept {N_OK} explained by an earlier run (--skip-existing)" in capsys.readouterr().out
+    # a request that differs from the previous rows (method and layer) is explained again, not kept
+    assert cli(data/'model.pkl', data/'imgs', '--out', out, '--skip-existing', '--method', 'gradcam', '--layer', '0.6') == 0
+    assert f"Explained {N_OK} of {N_OK + 1} images in" in capsys.readouterr().out
+    ok = [r for r in read_rows(out) if not r['error']]
+    assert len(ok) == N_OK and {(r['method'], r['layer']) for r in ok} == {('gradcam', '0.6')}
+    assert all(p.stat().st_mtime_ns != mt[p] for p in mt if p != victim)
 
 
 def test_save_maps(data, tmp_path):
