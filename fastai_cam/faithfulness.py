@@ -662,9 +662,10 @@ def cam_sanity(self:Learner,
                batch_size:int=32, # Score-CAM: masked inputs per forward pass
               )->SanityReport:
     "The model randomisation test (Adebayo et al. 2018) on a copy of the learner's model: one row per randomised layer"
-    from fastai_cam.learner import _default, _as_items
+    from fastai_cam.learner import _default, _layer, _as_items
+    layer = _layer(self, None if callable(method) else method, layer)   # an attached callback's, for its own method
     if not callable(method): method = _default(self, 'method', method, 'gradcam')
-    layer,cls,items = _default(self, 'layer', layer, None), resolve_cls(self, cls), _as_items(items)
+    cls,items = resolve_cls(self, cls), _as_items(items)
     x = first(self.dls.test_dl(items, bs=len(items), num_workers=0))[0].as_subclass(Tensor)
     return sanity_check(self.model, x, method, layer, mode, layers, cls, seed, batch_size)
 
