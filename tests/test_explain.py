@@ -100,6 +100,14 @@ def test_only_corrupt_fails(data, tmp_path, capsys):
     assert 'No image files found' in capsys.readouterr().err
 
 
+def assert_same_rows(r1, r2, num=('pred_prob', 'cls_prob')):
+    "The same rows, their probabilities (6 decimals) up to float rounding: a batch of another size can change the last digit"
+    assert [{k: v for k, v in r.items() if k not in num} for r in r1] == [{k: v for k, v in r.items() if k not in num} for r in r2]
+    for a, b in zip(r1, r2):
+        for k in num:
+            if a[k]: assert abs(float(a[k]) - float(b[k])) < 1e-5
+
+
 def test_skip_existing(data, tmp_path, capsys):
     "A second run with --skip-existing recomputes and rewrites nothing, and keeps the rows; another method or layer is redone"
     out = tmp_path/'out'
@@ -119,7 +127,7 @@ def test_skip_existing(data, tmp_path, capsys):
     assert cli(data/'model.pkl', data/'imgs', '--out', out, '-q', '--skip-existing') == 0
     assert victim.exists()
     assert {p: p.stat().st_mtime_ns for p in out.rglob('*.png') if p != victim} == {p: t for p, t in mt.items() if p != victim}
-    assert read_rows(out) == rows
+    assert_same_rows(read_rows(out), rows)   # the victim, redone in a batch of its own: its probabilities up to float rounding
     capsys.readouterr()
     assert cli(data/'model.pkl', data/'imgs', '--out', out, '--skip-existing') == 0    # the summary counts the kept ones apart
     assert f"Explained 0 of {N_OK + 1} images, kept {N_OK} explained by an earlier run (--skip-existing)" in capsys.readouterr().out
