@@ -19,7 +19,8 @@ from fastai.learner import Learner
 from .core import compute_cams, find_layer, eval_mode
 from .methods import METHODS, minmax, upsample, get_method
 from .callback import learner_vocab, class_index
-from .explain import blend_cams, collect_images, colormap_lut, decoded_images
+from .explain import blend_cams, collect_images, colormap_lut, decoded_images, check_paths, positive_int
+from .explain import _check_int, _check_unit
 from .load import load_cam_learner, add_import_arg
 
 # %% auto #0
@@ -137,6 +138,8 @@ class CAMApp:
                  max_examples:int=24, # at most this many examples
                  keep:int=256, # results whose files are kept (older ones are removed)
                 ):
+        _check_int(topk, 'topk'); _check_int(max_examples, 'max_examples', 0); _check_unit(alpha, 'alpha')
+        if examples: check_paths(examples)        # a folder that does not exist is a mistake, not an app without examples
         self.learn,self.topk,self.alpha,self.cmap,self.keep = learn,topk,alpha,cmap,keep
         self.methods = [get_method(m).name for m in (methods or METHODS)]
         colormap_lut(cmap)
@@ -210,6 +213,7 @@ class CAMApp:
                workers:int=1, # batches computed at once (each in its own thread: `compute_cams` is thread-safe)
               ):
         "The Gradio page, a `gradio.Blocks` (launch it with `.launch()`); its API is `/explain` and `/blend`"
+        _check_int(max_batch_size, 'max_batch_size'); _check_int(workers, 'workers')
         gr = need_gradio()
         with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
             gr.Markdown(f"## {title}\nUpload or paste an image: the model's top {self.topk} classes, and the class "
@@ -273,9 +277,9 @@ def add_app_args(p:argparse.ArgumentParser, # the parser (or subparser) that get
     p.add_argument('--layers', nargs='+', default=None, help="layer names offered (default: the layer feeding the "
                    "pooling, then the last module at each finer resolution)")
     p.add_argument('--examples', default=None, help="a folder of example images shown under the page")
-    p.add_argument('--topk', type=int, default=5, help="classes listed with their probabilities (default: 5)")
-    p.add_argument('--max-batch-size', type=int, default=4, help="requests computed together (default: 4)")
-    p.add_argument('--workers', type=int, default=None, help="batches computed at once, each in its own thread "
+    p.add_argument('--topk', type=positive_int, default=5, help="classes listed with their probabilities (default: 5)")
+    p.add_argument('--max-batch-size', type=positive_int, default=4, help="requests computed together (default: 4)")
+    p.add_argument('--workers', type=positive_int, default=None, help="batches computed at once, each in its own thread "
                    "(default: one per core, up to 4, torch's threads shared among them)")
     p.add_argument('--title', default=None, help="the page's title (default: the model file's name)")
     add_import_arg(p)
@@ -291,6 +295,7 @@ def app_main(args:argparse.Namespace, # parsed by a parser that `add_app_args` s
     methods = [m for ms in args.methods for m in ms.split(',') if m] if args.methods else None
     try:
         for m in methods or []: get_method(m)       # before loading the model
+        if args.examples: check_paths([args.examples])
         learn = load_cam_learner(args.model, imports=args.imports)
         workers = args.workers or min(_cores(), 4)
         if workers > 1: torch.set_num_threads(max(1, torch.get_num_threads() // workers))   # this process is the app's

@@ -12,7 +12,7 @@ from fastcore.basics import store_attr, getcallable
 from fastai.callback.core import GatherPredsCallback
 from fastai.callback.hook import HookCallback
 from .core import *
-from .methods import get_method, minmax, upsample, blank_maps
+from .methods import get_method, minmax, upsample, blank_maps, ATTENTION_METHODS
 from .targets import takes_items, RegionTarget, ClassTarget
 from dataclasses import dataclass
 
@@ -221,7 +221,16 @@ class CAMCallback(HookCallback):
     def name(self): return 'cam_cb'
     def _predicting(self): return getattr(self, '_always', False) or any(isinstance(c, GatherPredsCallback) for c in self.learn.cbs)
 
-    def before_fit(self): self._remove()          # inert in fit: HookCallback's hooks on every module are not wanted
+    def before_fit(self):
+        self._remove()                            # inert in fit: HookCallback's hooks on every module are not wanted
+        if not self._predicting(): self.check()   # a mistake is caught before training, not at the first predict
+
+    def check(self):
+        "Check the class, the layer and the method with no forward pass: `fit` calls it before training (raises on a mistake)"
+        target,_ = task_target(self.learn, self.cls, self.target)      # an unknown class label lists the vocab
+        meth = get_method(self.method)
+        if self.layer is None and meth.name != 'cam' and meth.name not in ATTENTION_METHODS: return   # an automatic layer may need a traced batch: found at the first predict
+        prepare(self.learn.model, meth, self.layer, target)            # an unknown layer, CAM at an inner layer, ...
     def before_validate(self):
         if not self._predicting(): return
         self._target,self._cls = task_target(self.learn, self.cls, self.target)

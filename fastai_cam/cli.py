@@ -18,7 +18,7 @@ with warnings.catch_warnings():
     from fastai_cam.data import demo_learner
     from fastai_cam.metrics import pointing_game, energy_pointing_game
     from fastai_cam.learner import *   # `Learner.cam`, `Learner.show_cam`
-    from fastai_cam.explain import add_explain_args, explain_main
+    from fastai_cam.explain import add_explain_args, explain_main, positive_int, _check_int
     from fastai_cam.faithfulness import add_evaluate_args, evaluate_main
     from fastai_cam.app import add_app_args, app_main   # Gradio is imported only when an app is built
 
@@ -31,15 +31,15 @@ def add_demo_args(p:argparse.ArgumentParser, # the parser (or subparser) that ge
     "Add the arguments of `fastai-cam demo` to the parser `p`"
     p.add_argument('-o', '--out', required=True, help="output folder: cam_grid.png and metrics.json")
     p.add_argument('--epochs', type=int, default=8, help="epochs of fit_one_cycle (default: 8)")
-    p.add_argument('--n-train', type=int, default=6000, help="training images (default: 6000)")
-    p.add_argument('--n-valid', type=int, default=1000, help="held-out images, scored with the pointing game (default: 1000)")
+    p.add_argument('--n-train', type=positive_int, default=6000, help="training images (default: 6000)")
+    p.add_argument('--n-valid', type=positive_int, default=1000, help="held-out images, scored with the pointing game (default: 1000)")
     p.add_argument('--seed', type=int, default=0, help="seed of the data and the weights (default: 0)")
     p.add_argument('--lr', type=float, default=1e-2, help="maximum learning rate (default: 0.01)")
-    p.add_argument('--bs', type=int, default=64, help="batch size (default: 64)")
+    p.add_argument('--bs', type=positive_int, default=64, help="batch size (default: 64)")
     p.add_argument('--method', default='cam', help=f"CAM method, one of: {', '.join(METHODS)} (default: cam); "
                    f"{', '.join(ATTENTION_METHODS)} are for transformers, not the demo's CNN")
     p.add_argument('--tol', type=float, default=0, help="pointing game tolerance in pixels (default: 0)")
-    p.add_argument('--n-show', type=int, default=16, help="images in cam_grid.png (default: 16)")
+    p.add_argument('--n-show', type=positive_int, default=16, help="images in cam_grid.png (default: 16)")
     p.add_argument('-q', '--quiet', action='store_true', help="no progress bar or training table")
     return p
 
@@ -58,6 +58,7 @@ def demo(out, # output folder (created): `cam_grid.png` and `metrics.json`
         )->dict:
     "Train `demo_learner`, score its `method` maps of the held-out images, write `out/cam_grid.png` and `out/metrics.json`"
     get_method(method)   # an unknown method fails here, before any work
+    for v,name in ((n_train, 'n_train'), (n_valid, 'n_valid'), (bs, 'bs'), (n_show, 'n_show')): _check_int(v, name)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     learn = demo_learner(n_train=n_train, n_valid=n_valid, epochs=epochs, lr=lr, seed=seed, bs=bs, progress=progress)

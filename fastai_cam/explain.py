@@ -23,14 +23,14 @@ from .core import prepare
 from .methods import METHODS, ATTENTION_METHODS
 from .callback import is_multilabel, learner_vocab, class_index, learner_task, Columns
 from .targets import ClassTarget, RegionTarget, RegressionTarget, PointTarget, OutputField
-from .learner import _default, _method, _px, cam_titles  # and `Learner.cam`
+from .learner import _layer, _method, _px, cam_titles  # and `Learner.cam`
 from .load import load_cam_learner, add_import_arg, _import_code
 from .report import report_html
 
 # %% auto #0
 __all__ = ['EXPLAIN_COLUMNS', 'collect_images', 'overlay_names', 'atomic_write', 'colormap_lut', 'blend_cams', 'decoded_images',
-           'draw_title', 'check_image', 'dist_env', 'parse_target', 'find_function', 'explain_run', 'explain',
-           'add_explain_args', 'explain_main']
+           'draw_title', 'check_image', 'dist_env', 'positive_int', 'nonneg_int', 'unit_float', 'check_paths',
+           'parse_target', 'find_function', 'explain_run', 'explain', 'add_explain_args', 'explain_main']
 
 # %% ../nbs/07_explain.ipynb #0bf404aa
 def _expand_args(paths)->list:
@@ -176,6 +176,51 @@ def _device(device, local_rank):
         torch.cuda.set_device(dev)
     return dev
 
+# %% ../nbs/07_explain.ipynb #44f9f5be
+def _int_at_least(s, lo:int)->int:
+    try: v = int(s)
+    except (TypeError, ValueError): v = None
+    if v is None or v < lo: raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= {lo}")
+    return v
+
+def positive_int(s:str, # the option's text
+                )->int:
+    "An `argparse` type: an integer >= 1 (a batch size, a number of images)"
+    return _int_at_least(s, 1)
+
+def nonneg_int(s:str, # the option's text
+              )->int:
+    "An `argparse` type: an integer >= 0 (a number of worker processes)"
+    return _int_at_least(s, 0)
+
+def unit_float(s:str, # the option's text
+              )->float:
+    "An `argparse` type: a number from 0 to 1 (an opacity)"
+    try: v = float(s)
+    except (TypeError, ValueError): v = None
+    if v is None or not 0 <= v <= 1: raise argparse.ArgumentTypeError(f"{s!r} is not a number from 0 to 1")
+    return v
+
+def _check_int(v, name:str, lo:int=1):
+    "Raise a `ValueError` unless `v` is an integer >= `lo` (an option, checked before any work)"
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name}={v!r}: pass an integer >= {lo}.")
+
+def _check_unit(v, name:str):
+    "Raise a `ValueError` unless `v` is a number from 0 to 1"
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not 0 <= v <= 1:
+        raise ValueError(f"{name}={v!r}: pass a number from 0 to 1.")
+
+def check_paths(paths, # files, folders, or `@list.txt` files of paths, as given (a list file's own lines are not checked)
+               ):
+    "Raise `FileNotFoundError` for a path (or a `@list.txt` file) that does not exist, before any work"
+    for p in ([paths] if isinstance(paths, (str, Path)) else paths):
+        p = str(p)
+        if p == '@-': continue
+        f = p[1:] if p.startswith('@') else p
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"No such {'list file' if p.startswith('@') else 'file or folder'}: {f}")
+
 # %% ../nbs/07_explain.ipynb #00d967dc
 EXPLAIN_COLUMNS = ['file', 'overlay', 'pred', 'pred_prob', 'cls', 'cls_prob', 'method', 'layer', 'error']
 
@@ -183,9 +228,9 @@ def _read_csv(fn)->list:
     if not Path(fn).exists(): return []
     with open(fn, newline='', encoding='utf-8') as f: return list(csv.DictReader(f))
 
-def _write_csv(fn, rows):
+def _write_csv(fn, rows, columns=EXPLAIN_COLUMNS):
     with atomic_write(fn, 'w') as f:
-        w = csv.DictWriter(f, EXPLAIN_COLUMNS, extrasaction='ignore')
+        w = csv.DictWriter(f, columns, extrasaction='ignore')
         w.writeheader(); w.writerows(rows)
 
 def _write_npz(fn, maps:dict):
@@ -380,9 +425,12 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
     rank,world,local_rank = dist_env()
     dev = _device(device, local_rank)
     # everything that can be checked without images is checked first
+    _check_int(bs, 'bs'); _check_int(num_workers, 'num_workers', 0); _check_unit(alpha, 'alpha')
+    if chunk is not None: _check_int(chunk, 'chunk')
+    check_paths(paths)                                                                  # before loading the model
     learn = model if isinstance(model, Learner) else load_cam_learner(model, imports=imports)
     if dev.type != 'cpu': learn.dls.to(dev); learn.model.to(dev)
-    method,layer = _method(learn, method), _default(learn, 'layer', layer, None)   # an attached CAMCallback's
+    method,layer = _method(learn, method), _layer(learn, method, layer)   # an attached CAMCallback's (its layer: for its own method)
     cls = _parse_cls(learn, cls)
     if isinstance(target, str):
         target,tcls = parse_target(target, learn)
@@ -390,8 +438,8 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
         cls = cls if tcls is None else tcls
     if isinstance(reshape, str): reshape = find_function(reshape, imports)
     files,root = collect_images(paths, exclude=out)
-    if not files: raise FileNotFoundError(f"No image files found in {' '.join(map(str, _expand_args(paths)))}")
-    prepare(learn.model, method, layer, target, x=lambda: _probe(learn, files))   # a model no rule covers: traced on one image
+    if not files: raise FileNotFoundError(_no_files(paths, out))
+    meth,lname,_,_ = prepare(learn.model, method, layer, target, x=lambda: _probe(learn, files))   # a model no rule covers: traced on one image
     colormap_lut(cmap)
     if format not in ('png', 'jpg', 'jpeg'): raise ValueError(f"Unknown overlay format {format!r}: use 'png' or 'jpg'.")
     ovs = overlay_names(files, root, '.png' if format == 'png' else '.jpg')
@@ -402,10 +450,11 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
         ex = _Explainer(learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, format, target, reshape)
         prev_rows = {r['overlay']: r for r in _read_csv(out/'predictions.csv')} if skip_existing else {}
         prev_maps = _load_npz(out/'maps.npz') if skip_existing and save_maps else {}
-        todo = []
+        todo,label = [],_request_label(learn, cls, target)
         for f,ov in list(zip(files, ovs))[rank::world]:
-            if skip_existing and (out/ov).exists():
-                ex.rows.append(prev_rows.get(str(ov), dict(file=str(f), overlay=str(ov), error='')))
+            prev = prev_rows.get(str(ov))
+            if skip_existing and (out/ov).exists() and (prev is None or _same_request(prev, meth.name, lname, label)):
+                ex.rows.append({**(prev or dict(file=str(f), overlay=str(ov), error='')), 'skipped': True})
                 if str(f) in prev_maps: ex.maps[str(f)] = prev_maps[str(f)]
             else: todo.append((f, ov))
         chunk = chunk or bs
@@ -434,6 +483,28 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
         if ex is not None: ex._pool.shutdown()
         if init_here: torch.distributed.destroy_process_group()
 
+def _no_files(paths, out)->str:
+    "Why no image was found: none there, or only inside the output folder (never read: it holds overlays)"
+    msg = f"No image files found in {' '.join(map(str, _expand_args(paths)))}"
+    inside = collect_images(paths)[0]
+    if not inside: return msg
+    return (f"{msg} outside the output folder --out {out}: its {len(inside)} images are inside it, and the output "
+            "folder is never read (it holds the overlays). Write the overlays to another folder.")
+
+_NEVER = object()
+
+def _request_label(learn, cls, target):
+    "The label a one-map-per-image run explains (None: the predicted class); `_NEVER` when its overlays have other names"
+    if target is not None or isinstance(cls, Columns) or learner_task(learn) != 'classification': return _NEVER
+    if cls is None: return None
+    vocab = learner_vocab(learn)
+    return str(vocab[cls]) if vocab else str(cls)
+
+def _same_request(row:dict, method:str, layer:str, label)->bool:
+    "Whether a row of the previous `predictions.csv` explained what this run asks for: same method, layer and class"
+    if label is _NEVER or row.get('method') != method or row.get('layer') != layer: return False
+    return row.get('cls') == (row.get('pred') if label is None else label)
+
 def _probe(learn, files):
     "A batch of the first readable image, to trace a model whose layer no rule finds"
     f = next((f for f in files if check_image(f) is None), None)
@@ -444,13 +515,14 @@ def _merge(ex, out, rank, world, dev, n_ok, n_files, save_maps):
     "Each rank writes partial files; rank 0 merges them into `predictions.csv` (and `maps.npz`) and removes them"
     dist = torch.distributed
     part_csv,part_npz = (lambda r: out/f'.predictions.rank{r}.csv'), (lambda r: out/f'.maps.rank{r}.npz')
-    _write_csv(part_csv(rank), ex.rows)
+    _write_csv(part_csv(rank), ex.rows, EXPLAIN_COLUMNS + ['skipped'])
     if save_maps: _write_npz(part_npz(rank), ex.maps)
     t = torch.tensor([n_ok], device=dev if dev.type == 'cuda' else 'cpu')
     dist.all_reduce(t)            # also a barrier: every partial file is written
     rows = ex.rows
     if rank == 0:
         rows = sorted((r for k in range(world) for r in _read_csv(part_csv(k))), key=lambda r: r['file'])
+        for r in rows: r['skipped'] = r.get('skipped') == 'True'
         _write_csv(out/'predictions.csv', rows)
         if save_maps:
             maps = {}
@@ -496,12 +568,12 @@ def add_explain_args(p:argparse.ArgumentParser, # the parser (or subparser) that
     p.add_argument('--reshape', default=None, metavar='FN', help="a function from the layer's output to (B,K,*grid), "
                    "for a layout that is not recognised: NAME (defined in an --import file or module), MODULE:NAME or "
                    "FILE.py:NAME")
-    p.add_argument('--alpha', type=float, default=0.6, help="opacity of the heatmap (default: 0.6)")
+    p.add_argument('--alpha', type=unit_float, default=0.6, help="opacity of the heatmap (default: 0.6)")
     p.add_argument('--cmap', default='magma', help="matplotlib colormap (default: magma)")
-    p.add_argument('--bs', type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument('--bs', type=positive_int, default=64, help="images per batch (default: 64)")
     p.add_argument('--device', default=None, help="cpu or cuda (default: cuda if available); under torchrun each "
                    "process takes cuda:LOCAL_RANK")
-    p.add_argument('--num-workers', type=int, default=0, help="processes decoding images (default: 0)")
+    p.add_argument('--num-workers', type=nonneg_int, default=0, help="processes decoding images (default: 0)")
     p.add_argument('--save-maps', action='store_true', help="also write the raw maps of all images to OUT/maps.npz, keyed by file")
     p.add_argument('--skip-existing', action='store_true', help="leave images whose overlay exists: not recomputed, "
                    "not rewritten, their row kept from the previous predictions.csv")
@@ -535,7 +607,9 @@ def explain_main(args:argparse.Namespace, # parsed by a parser that `add_explain
             f"{Path(args.out)/'predictions.csv'} with its error)")
         return 1
     if not args.quiet and dist_env()[0] == 0:
-        print(f"Explained {n_ok} of {n} images in {time.time()-t0:.1f}s: {Path(args.out)/'predictions.csv'}")
+        n_skip = sum(bool(r.get('skipped')) for r in rows)
+        kept = f", kept {n_skip} explained by an earlier run (--skip-existing)" if n_skip else ''
+        print(f"Explained {n_ok - n_skip} of {n} images{kept} in {time.time()-t0:.1f}s: {Path(args.out)/'predictions.csv'}")
     return 0
 
 def _cli(argv=None):

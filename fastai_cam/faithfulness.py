@@ -24,7 +24,7 @@ from .callback import resolve_cls
 from .targets import model_output, target_scores, masked_passes
 from .load import load_cam_learner, add_import_arg
 from .metrics import pointing_game
-from .explain import dist_env, _device, collect_images, check_image, atomic_write, _expand_args, _parse_cls
+from .explain import dist_env, _device, collect_images, check_image, atomic_write, _expand_args, _parse_cls, positive_int
 
 # %% auto #0
 __all__ = ['FAITHFULNESS_METRICS', 'ROAD_PERCENTILES', 'blur', 'baseline_maps', 'linear_impute', 'Curves', 'pixel_ranks',
@@ -677,9 +677,10 @@ def cam_sanity(self:Learner,
                batch_size:int=32, # Score-CAM: masked inputs per forward pass
               )->SanityReport:
     "The model randomisation test (Adebayo et al. 2018) on a copy of the learner's model: one row per randomised layer"
-    from fastai_cam.learner import _default, _as_items
+    from fastai_cam.learner import _default, _layer, _as_items
+    layer = _layer(self, None if callable(method) else method, layer)   # an attached callback's, for its own method
     if not callable(method): method = _default(self, 'method', method, 'gradcam')
-    layer,cls,items = _default(self, 'layer', layer, None), resolve_cls(self, cls), _as_items(items)
+    cls,items = resolve_cls(self, cls), _as_items(items)
     x = first(self.dls.test_dl(items, bs=len(items), num_workers=0))[0].as_subclass(Tensor)
     return sanity_check(self.model, x, method, layer, mode, layers, cls, seed, batch_size)
 
@@ -764,11 +765,11 @@ def add_evaluate_args(p:argparse.ArgumentParser, # the parser (or subparser) tha
     p.add_argument('--baselines', nargs='*', default=['random', 'centre'], help="baseline maps scored beside the methods (default: random centre)")
     p.add_argument('--layer', default=None, help="dotted name of the layer (default: the one feeding the pooling head)")
     p.add_argument('--cls', default=None, help="class to explain, a label or an index (default: the predicted class)")
-    p.add_argument('--steps', type=int, default=20, help="steps of the deletion and insertion curves (default: 20)")
+    p.add_argument('--steps', type=positive_int, default=20, help="steps of the deletion and insertion curves (default: 20)")
     p.add_argument('--percentiles', type=float, nargs='+', default=list(ROAD_PERCENTILES), help="ROAD: percents of pixels removed (default: 10 20 ... 90)")
     p.add_argument('--noise', type=float, default=0.01, help="ROAD: std of the noise added to imputed pixels (default: 0.01)")
     p.add_argument('--seed', type=int, default=0, help="seed of the random baseline and of ROAD's noise (default: 0)")
-    p.add_argument('--bs', type=int, default=64, help="images per batch, and perturbed inputs per forward pass (default: 64)")
+    p.add_argument('--bs', type=positive_int, default=64, help="images per batch, and perturbed inputs per forward pass (default: 64)")
     p.add_argument('--device', default=None, help="cpu or cuda (default: cuda if available); under torchrun each process takes cuda:LOCAL_RANK")
     p.add_argument('-q', '--quiet', action='store_true', help="no progress bar and no table")
     add_import_arg(p)

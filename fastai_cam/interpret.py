@@ -17,15 +17,27 @@ from .learner import *
 __all__ = []
 
 # %% ../nbs/08_interpret.ipynb #08cee1e7
+def _joined(vocab, rows)->list:
+    "Each row of a (n,C) multi-hot table as its labels joined by ';' (as fastai shows a `MultiCategory`)"
+    return [';'.join(str(vocab[i]) if vocab else str(i) for i in r.nonzero().flatten().tolist()) for r in rows]
+
+def _multi_titles(learn, res, losses)->list:
+    "Titles of a multi-label result: `actual/predicted loss`, then the label that the map explains and its probability"
+    keep = res.preds > getattr(learn.loss_func, 'thresh', 0.5)
+    keep[torch.arange(len(keep)), res.preds.argmax(-1)] |= ~keep.any(-1)     # at least the top label, as `predicted_targets`
+    act,prd = _joined(res.vocab, res.targets.cpu()), _joined(res.vocab, keep.cpu())
+    return [f"{act[i]}/{prd[i]} {l:.2f} {lbl} {p:.2f}"
+            for i,l,lbl,p in zip(res.items.tolist(), losses[res.items.cpu()].tolist(), res.labels, res.probs.tolist())]
+
 @patch
 def top_losses_cam(self:Interpretation,
                    k:int=9, # number of items
                    largest:bool=True, # the largest losses (False: the smallest)
-                   cls='pred', # 'pred' (the predicted class; segmentation: every class predicted), 'actual' (the target, classifiers), or a label/index
+                   cls='pred', # 'pred' (the predicted class; multi-label and segmentation: every class predicted), 'actual' (the target, classifiers; multi-label: every actual label), or a label/index
                    method:str|None=None, # a CAM method (default: an attached callback's, else 'cam')
                    layer=None, # a module, a dotted name, or None (the layer feeding the pooling head)
                   )->tuple:
-    "The `CAMResult` of the `k` top losses and their titles `actual/predicted loss probability` (other tasks: the loss, then `cam_titles`)"
+    "The `CAMResult` of the `k` top losses and their titles `actual/predicted loss probability` (multi-label: then the explained label; other tasks: the loss, then `cam_titles`)"
     task = learner_task(self.learn)
     if cls == 'actual' and task != 'classification':
         raise ValueError(f"cls='actual' explains a classifier's target class; this learner's task is {task}: pass 'pred' "
@@ -33,10 +45,15 @@ def top_losses_cam(self:Interpretation,
     losses,idx = self.top_losses(k, largest)
     items = getattr(self.dl.items, 'iloc', L(self.dl.items))[idx]
     dl = self.learn.dls.test_dl(items, with_labels=True, num_workers=0)
-    c = None if cls == 'pred' else torch.cat([b[-1] for b in dl]).tolist() if cls == 'actual' else cls
+    multi = is_multilabel(self.learn)
+    if cls == 'actual':
+        t = torch.cat([b[-1] for b in dl])
+        c = [r.nonzero().flatten().tolist() for r in t] if multi else t.tolist()   # multi-hot rows: the actual labels of each item
+    else: c = None if cls == 'pred' else cls
     res = self.learn.cam(dl=dl, cls=c, method=method, layer=layer, with_input=True)
     if task != 'classification':
         return res, [f"{l:.2f} {t}" for l,t in zip(losses[res.items.cpu()].tolist(), cam_titles(res))]
+    if multi: return res, _multi_titles(self.learn, res, losses)
     act = [res.vocab[i] if res.vocab else i for i in res.targets[res.items].tolist()]
     prd = [res.pred_labels[i] for i in res.items.tolist()]
     titles = [f"{a}/{p} {l:.2f} {pr:.2f}" for a,p,l,pr in zip(act, prd, losses[res.items.cpu()].tolist(), res.probs.tolist())]

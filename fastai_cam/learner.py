@@ -28,10 +28,20 @@ from .callback import _compact_preds
 __all__ = ['count_forwards', 'show_cam_overlay', 'show_cam_strip', 'show_cam_slices', 'cam_titles', 'outline_mask', 'draw_task']
 
 # %% ../nbs/03_learner.ipynb #a687e37e
+def _cam_cb(learn):
+    "The first attached `CAMCallback` (its settings are the defaults of `learn.cam`), or None"
+    return next((cb for cb in learn.cbs if isinstance(cb, CAMCallback)), None)
+
 def _default(learn, attr, val, dflt):
     if val is not None: return val
-    cbs = [cb for cb in learn.cbs if isinstance(cb, CAMCallback)]
-    return getattr(cbs[0], attr) if cbs else dflt
+    cb = _cam_cb(learn)
+    return getattr(cb, attr) if cb is not None else dflt
+
+def _layer(learn, method, layer):
+    "The layer asked for; else an attached callback's, when `method` (as asked, None for the default) is None or the callback's own; else None (the automatic layer)"
+    cb = _cam_cb(learn)
+    if layer is not None or cb is None: return layer
+    return cb.layer if method is None or get_method(method).name == get_method(cb.method).name else None
 
 def _method(learn, method):
     "The method asked for, an attached callback's, or the default: Grad-CAM for segmentation (no pooling head), else CAM"
@@ -122,12 +132,16 @@ def cam(self:Learner,
         reshape=None, # a function from the layer's output to (B,K,*grid), for layouts not recognised
        )->CAMResult:
     "Class activation maps of `items` (or of every item of `dl`), as a `CAMResult`"
-    method,layer = _method(self, method), _default(self, 'layer', layer, None)
+    if dl is not None and items is not None:
+        raise ValueError("Give the items or dl=, not both: learn.cam(items) explains the items, learn.cam(dl=dl) every "
+                         "item of the loader (to explain some of a loader's items, pass them as items).")
+    method,layer = _method(self, method), _layer(self, method, layer)
     target,reshape = _default(self, 'target', target, None), _default(self, 'reshape', reshape, None)
     target,cls = task_target(self, cls, target)
     if dl is None:
         if items is None: raise ValueError("Pass the items to explain (learn.cam(img) or learn.cam([img1, img2])) or dl=.")
         items = _as_items(items)
+        if not len(items): raise ValueError("No items to explain: got an empty list. Pass one item or more, or dl=.")
         if is_listy(cls) and len(cls) != len(items):
             raise ValueError(f"Got {len(cls)} classes for {len(items)} items: give one per item, one for all, or None.")
     n_inp = getattr(self.dls, 'n_inp', 1)          # one item to trace, only for a model that no rule covers
@@ -284,6 +298,10 @@ def draw_task(ax, # the axis of map `k`'s overlay
         ax.plot(float(xy[0]) - 0.5, float(xy[1]) - 0.5, '+', color=color, ms=10, mew=2)   # pixel (i,j) is drawn centred on (j,i)
     return ax
 
+def _check_max_n(max_n):
+    if not isinstance(max_n, int) or isinstance(max_n, bool) or max_n < 1:
+        raise ValueError(f"max_n={max_n!r}: pass the number of maps to draw, an int >= 1.")
+
 @patch
 def show(self:CAMResult,
          max_n:int=9, # at most this many maps
@@ -296,6 +314,8 @@ def show(self:CAMResult,
     "Draw each map over its decoded input (a 1-D signal: a heat strip under it; a volume: slices); returns the list of axes"
     if self.inputs is None:
         raise ValueError("This result kept no inputs to draw on: compute it with learn.cam(..., with_input=True).")
+    _check_max_n(max_n)
+    if not len(self): raise ValueError("This result has no maps to draw (no class was selected for any item).")
     n = min(max_n, len(self))
     imgs = self.dls.decode((self.inputs[self.items[:n].cpu()],))[0] if self.dls is not None else self.inputs[self.items[:n].cpu()]
     maps,titles = minmax(upsample(self.raw[:n].float(), self.size), dims=len(self.size)), (titles or cam_titles(self))[:n]
@@ -317,7 +337,7 @@ def show(self:CAMResult,
 def cam_batch(self:Learner, xb, cls=None, method:str|None=None, layer=None, targets=None, batch_size:int=32,
               target=None, reshape=None)->CAMResult:
     "Class activation maps of an already-collated batch `xb` (as the model takes it), as a `CAMResult`"
-    method,layer = _method(self, method), _default(self, 'layer', layer, None)
+    method,layer = _method(self, method), _layer(self, method, layer)
     target,reshape = _default(self, 'target', target, None), _default(self, 'reshape', reshape, None)
     target,cls = task_target(self, cls, target)
     xs = xb if isinstance(xb, (tuple, list)) else (xb,)
@@ -330,6 +350,22 @@ def cam_batch(self:Learner, xb, cls=None, method:str|None=None, layer=None, targ
                     layer=find_layer(self.model, layer, xs)[0], vocab=learner_vocab(self), targets=targets,
                     inputs=xs[0].detach(), dls=self.dls, kind=learner_task(self))
     _warn_blank(res)
+    return res
+
+def _last_result(learn)->CAMResult:
+    "The result of the attached callback's last `predict`/`get_preds`, with its inputs; else an error that says what is missing"
+    cb = _cam_cb(learn)
+    if cb is None: raise ValueError("Nothing to show: no CAMCallback is attached. Attach one (learn.add_cb(CAMCallback())) "
+                                    "and call learn.predict(img) first, or pass an item: learn.show_cam(img).")
+    res,name = cb.result, type(cb).__name__
+    if res is None: raise ValueError(f"Nothing to show yet: the attached {name} has no maps. Call learn.predict(img) "
+                                     "first, or pass an item: learn.show_cam(img).")
+    if res.inputs is None:
+        why = ("it was made with keep_inputs=False" if not cb.keep_inputs else
+               "it keeps the input of a single batch, and the last get_preds had several")
+        raise ValueError(f"The attached {name} has the maps of the {len(res.preds)} items of the last predict or get_preds, "
+                         f"but not their inputs to draw them on: {why}. Attach {name}(gather_inputs=True) to keep the "
+                         "inputs of every batch, or draw a loader's maps with learn.cam(dl=dl).show() or learn.show_cam(dl=dl).")
     return res
 
 @patch
@@ -346,6 +382,7 @@ def show_cam(self:Learner,
              **kwargs # passed to `CAMResult.show` (ncols, figsize, axs, interpolation)
             ):
     "Draw class activation maps over the images: the last prediction, new items, or a loader's first items"
+    _check_max_n(max_n)
     if dl is not None:
         b = first(dl.new(shuffle=False, bs=max_n, drop_last=False))
         n_inp = getattr(self.dls, 'n_inp', 1)
@@ -353,11 +390,7 @@ def show_cam(self:Learner,
         res = self.cam_batch(xb, cls=cls, method=method, layer=layer, targets=yb[0] if yb else None, target=target,
                              reshape=reshape)
     elif item is None:
-        cbs = [c for c in self.cbs if isinstance(c, CAMCallback)]
-        res = cbs[0].result if cbs else None
-        if res is None or res.inputs is None:
-            raise ValueError("Nothing to show yet: attach a CAMCallback and call learn.predict(img) first, "
-                             "or pass an item: learn.show_cam(img).")
+        res = _last_result(self)
         if cls is not None or method is not None or layer is not None or target is not None or reshape is not None:
             res = self.cam_batch(res.inputs, cls=cls, method=method, layer=layer, target=target, reshape=reshape)
     else: res = self.cam(item, cls=cls, method=method, layer=layer, with_input=True, target=target, reshape=reshape)

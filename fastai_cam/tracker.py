@@ -46,7 +46,7 @@ class CAMRecord:
 class CAMTracker(Callback):
     "Record the class activation maps of fixed items while the learner trains: after each epoch, or every `every` batches"
     run_valid = False
-    _stateattrs = ('items','boxes','records','_x','images','targets','_cls','_size')
+    _stateattrs = ('items','boxes','records','_x','images','targets','_cls','_size','_vocab')
     def __init__(self,
                  items, # images, paths or arrays (what `dls.test_dl` takes), or a `DataLoader` (its first `n` items)
                  method:str='cam', # a CAM method: 'cam', 'gradcam', 'gradcam++', ... (see `METHODS`)
@@ -82,6 +82,7 @@ class CAMTracker(Callback):
     def _init_state(self):
         for k in ('items','boxes'): self.__dict__.setdefault(k, None)     # dropped from a pickle (`learn.export()`)
         self.records,self._x,self.images,self.targets,self._cls,self._size = [],None,None,None,None,None
+        self._vocab = None      # the learner's labels, kept: a tracker passed to `fit(cbs=...)` loses its learner after the fit
         self._epochs,self._iters = 0,0
 
     @property
@@ -114,6 +115,7 @@ class CAMTracker(Callback):
         imgs = dl.decode((xb[0].detach().cpu(),))[0]
         self.images = imgs if imgs.is_floating_point() else imgs.to(torch.uint8)
         self.targets,self._cls,self._size = targets,cls,tuple(xb[0].shape[-2:])
+        self._vocab = learner_vocab(self.learn)
         self._x = tuple(x.as_subclass(Tensor) for x in xb)
 
     def _inputs(self):
@@ -127,6 +129,9 @@ class CAMTracker(Callback):
 
     def record(self):
         "Compute the maps of the tracked items now and keep them (the training events call it; it can be called by hand)"
+        if getattr(self, 'learn', None) is None:
+            raise ValueError("This tracker is attached to no learner (fastai detaches a callback passed to fit(cbs=...) "
+                             "when the fit ends): attach it with learn.add_cb(tracker) to record by hand.")
         self._record(self._epochs)
 
     def _record(self, epoch):
@@ -201,7 +206,7 @@ def iters(self:CAMTracker)->Tensor:
 @patch
 def labels(self:CAMTracker, r:int=-1)->list:
     "The explained class of each item at record `r`, as vocab labels when the learner has a vocab"
-    cs,vocab = _records(self)[r].classes.tolist(), learner_vocab(self.learn)
+    cs,vocab = _records(self)[r].classes.tolist(), self._vocab    # kept by the first record: no learner needed
     return [vocab[c] for c in cs] if vocab else cs
 
 @patch
