@@ -287,6 +287,12 @@ def _edges(masks:np.ndarray)->np.ndarray:
     inner = m[:, 1:-1, 1:-1] & m[:, :-2, 1:-1] & m[:, 2:, 1:-1] & m[:, 1:-1, :-2] & m[:, 1:-1, 2:]
     return masks & ~inner
 
+def _why(e:Exception)->str:
+    "An error for the CSV and the log: its type and message, without fastai's 'Exception occured in' prefix"
+    msg = str(e)
+    if msg.startswith('Exception occured in') and ':\n\t' in msg: msg = msg.split(':\n\t', 1)[1]
+    return f"{type(e).__name__}: {msg}"
+
 class _Explainer:
     "Compute and write the overlays of batches of files, gathering CSV rows and raw maps"
     def __init__(self, learn, out, method, layer, cls, alpha, cmap, bs, num_workers, title, save_maps, log, fmt='png', target=None, reshape=None):
@@ -320,11 +326,20 @@ class _Explainer:
         "Whether this run writes one overlay per image (named after it), or one per map (`name.LABEL.png`)"
         return self.task == 'classification' and self.target is None and not isinstance(self.cls, Columns)
 
+    def _fails(self, f)->str:
+        "Why image `f` alone cannot be explained ('' when it can)"
+        try: self._cam([f]); return ''
+        except Exception as e: return _why(e)
+
     def run(self, files, ovs):
         "Explain `files` (already checked), writing the overlays named `ovs`"
         try: res = self._cam(files)
         except Exception as e:
-            if len(files) == 1: return self.error(files[0], f"{type(e).__name__}: {e}")
+            if len(files) == 1: return self.error(files[0], _why(e))
+            why = [self._fails(f) for f in files[:2]]           # two images alone: is it a file, or the command?
+            if why[0] and why[0] == why[1] and not any(Path(f).name in why[0] for f in files[:2]):
+                raise ValueError(f"{why[0]} (the first two images alone fail the same way: the command does not fit this "
+                                 "model or these images)")
             for f,ov in zip(files, ovs): self.run([f], [ov])   # find the file that spoils the batch
             return
         imgs = decoded_images(self.learn, res.inputs)

@@ -100,6 +100,15 @@ def test_only_corrupt_fails(data, tmp_path, capsys):
     assert 'No image files found' in capsys.readouterr().err
 
 
+def test_command_error_said_once(data, tmp_path, capsys):
+    "A target that does not fit the model (a region of a classifier's output) is the command's mistake: exit 2, said once"
+    rc = cli(data/'model.pkl', data/'imgs'/'sub', '--out', tmp_path/'out', '--target', 'region', '--method', 'gradcam', '-q')
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count('RegionTarget explains a segmentation output') == 1 and 'the first two images alone fail the same way' in err
+    assert 'cannot explain' not in err and 'Exception occured' not in err
+
+
 def assert_same_rows(r1, r2, num=('pred_prob', 'cls_prob')):
     "The same rows, their probabilities (6 decimals) up to float rounding: a batch of another size can change the last digit"
     assert [{k: v for k, v in r.items() if k not in num} for r in r1] == [{k: v for k, v in r.items() if k not in num} for r in r2]
