@@ -119,8 +119,14 @@ def make_parser()->argparse.ArgumentParser: # the parser that `main` uses
     return p
 
 # %% ../nbs/06_cli.ipynb #9bd3c92d
+def _one_line(message, category, filename, lineno, file=None, line=None):
+    "Show a warning on the console as one line (no source line): `fastai-cam: UserWarning: ...`"
+    print(f"fastai-cam: {category.__name__}: {message}", file=file or sys.stderr, flush=True)
+
 def main(argv:list|None=None, # the arguments, without the program name (default: `sys.argv[1:]`)
         )->int: # the exit status of the subcommand
     "Entry point of the `fastai-cam` console script"
     args = make_parser().parse_args(argv)
-    return args.func(args)
+    with warnings.catch_warnings():          # restores `showwarning` after the command
+        warnings.showwarning = _one_line
+        return args.func(args)
