@@ -326,20 +326,27 @@ class _Explainer:
         "Whether this run writes one overlay per image (named after it), or one per map (`name.LABEL.png`)"
         return self.task == 'classification' and self.target is None and not isinstance(self.cls, Columns)
 
-    def _fails(self, f)->str:
-        "Why image `f` alone cannot be explained ('' when it can)"
-        try: self._cam([f]); return ''
-        except Exception as e: return _why(e)
+    def _fails(self, f):
+        "The error of image `f` alone (None when it can be explained)"
+        try: self._cam([f]); return None
+        except Exception as e: return e
+
+    def _command_error(self, files):
+        "Before anything is explained: an error that the first two images repeat alone, naming neither and not a file's (OSError)"
+        if len(files) < 2 or any(not r.get('error') for r in self.rows): return None
+        es = [self._fails(f) for f in files[:2]]
+        if any(e is None or isinstance(e, OSError) for e in es) or _why(es[0]) != _why(es[1]): return None
+        if any(Path(f).name in _why(es[0]) for f in files[:2]): return None
+        return ValueError(f"{_why(es[0])} (the first two images, {files[0]} and {files[1]}, fail the same way alone: the "
+                          "command does not fit this model or these images)")
 
     def run(self, files, ovs):
         "Explain `files` (already checked), writing the overlays named `ovs`"
         try: res = self._cam(files)
         except Exception as e:
             if len(files) == 1: return self.error(files[0], _why(e))
-            why = [self._fails(f) for f in files[:2]]           # two images alone: is it a file, or the command?
-            if why[0] and why[0] == why[1] and not any(Path(f).name in why[0] for f in files[:2]):
-                raise ValueError(f"{why[0]} (the first two images alone fail the same way: the command does not fit this "
-                                 "model or these images)")
+            err = self._command_error(files)                    # is it a file, or the command?
+            if err is not None: raise err
             for f,ov in zip(files, ovs): self.run([f], [ov])   # find the file that spoils the batch
             return
         imgs = decoded_images(self.learn, res.inputs)
@@ -423,7 +430,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
                 bs:int=64, # images per batch
                 device:str|None=None, # 'cpu', 'cuda' (or 'cuda:1'); None: a GPU if there is one
                 save_maps:bool=False, # write the raw maps of every image to `out/maps.npz`, keyed by file
-                skip_existing:bool=False, # do not recompute or rewrite an image whose overlay exists
+                skip_existing:bool=False, # do not recompute an image whose overlay exists from a run that asked the same (one map per image)
                 title:bool=True, # write the explained label and probability on each overlay
                 format:str='png', # overlays as 'png' or 'jpg' (much faster to write)
                 progress:bool=True, # show a progress bar (rank 0 only)
@@ -468,7 +475,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
         todo,label = [],_request_label(learn, cls, target)
         for f,ov in list(zip(files, ovs))[rank::world]:
             prev = prev_rows.get(str(ov))
-            if skip_existing and (out/ov).exists() and (prev is None or _same_request(prev, meth.name, lname, label)):
+            if skip_existing and label is not _NEVER and (out/ov).exists() and (prev is None or _same_request(prev, meth.name, lname, label)):
                 ex.rows.append({**(prev or dict(file=str(f), overlay=str(ov), error='')), 'skipped': True})
                 if str(f) in prev_maps: ex.maps[str(f)] = prev_maps[str(f)]
             else: todo.append((f, ov))
@@ -484,7 +491,7 @@ def explain_run(model, # an exported learner (`.pkl` from `learn.export()`) or a
             if good: ex.run(*map(list, zip(*good)))
             if pb: pb.update(min(i + chunk, len(todo)))
         ex.close()
-        n_ok = sum(not r.get('error') for r in ex.rows)
+        n_ok = len({r['file'] for r in ex.rows if not r.get('error')})   # images (a run may write several maps of one)
         if world == 1:
             rows = sorted(ex.rows, key=lambda r: r['file'])
             _write_csv(out/'predictions.csv', rows)

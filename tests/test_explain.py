@@ -1,5 +1,5 @@
 "`fastai-cam explain` end to end: folders, lists, bad files, resuming, maps, two processes; and `learn.cam(dl=)` at scale"
-import csv, os, subprocess, sys
+import io, csv, os, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
@@ -105,8 +105,35 @@ def test_command_error_said_once(data, tmp_path, capsys):
     rc = cli(data/'model.pkl', data/'imgs'/'sub', '--out', tmp_path/'out', '--target', 'region', '--method', 'gradcam', '-q')
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert err.count('RegionTarget explains a segmentation output') == 1 and 'the first two images alone fail the same way' in err
+    assert err.count('RegionTarget explains a segmentation output') == 1 and 'fail the same way alone' in err
     assert 'cannot explain' not in err and 'Exception occured' not in err
+
+
+def test_two_truncated_copies_are_file_errors(data, tmp_path, capsys):
+    "Two copies of one truncated JPEG fail the same way alone, but a decoding error is the files': two error rows, the rest explained"
+    d = tmp_path/'imgs'; d.mkdir()
+    for i,f in enumerate(sorted((data/'imgs'/'sub').glob('*.png'))[:4]): (d/f'{i+2}.png').write_bytes(f.read_bytes())
+    x = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO(); Image.fromarray(x).save(buf, 'JPEG', quality=95)      # cut in half: PIL's verify() lets it through
+    for n in ('0.jpg', '1.jpg'): (d/n).write_bytes(buf.getvalue()[:len(buf.getvalue())//2])
+    assert cli(data/'model.pkl', d, '--out', tmp_path/'out', '-q') == 0
+    rows = read_rows(tmp_path/'out')
+    assert [bool(r['error']) for r in rows] == [True, True, False, False, False, False]
+    assert 'fail the same way' not in capsys.readouterr().err
+
+
+def test_multi_map_runs_and_skip_existing(data, tmp_path, capsys):
+    "Several maps per image: the summary counts images; --skip-existing redoes such a run rather than keep a stale overlay"
+    out = tmp_path/'out'
+    assert cli(data/'model.pkl', data/'imgs'/'sub', '--out', out) == 0                  # leaves img14.png ...
+    assert cli(data/'model.pkl', data/'imgs'/'sub', '--out', out, '--cls', 'r,g') == 0   # img14.r.png, img14.g.png ...
+    assert 'Explained 6 of 6 images' in capsys.readouterr().out
+    first = read_rows(out)
+    assert len(first) == 12 and all(r['overlay'] and not r['error'] for r in first)
+    assert cli(data/'model.pkl', data/'imgs'/'sub', '--out', out, '--cls', 'r,g', '--skip-existing') == 0
+    assert 'Explained 6 of 6 images' in capsys.readouterr().out
+    again = read_rows(out)
+    assert [(r['file'], r['overlay'], r['cls']) for r in again] == [(r['file'], r['overlay'], r['cls']) for r in first]
 
 
 def assert_same_rows(r1, r2, num=('pred_prob', 'cls_prob')):
