@@ -6,6 +6,7 @@ Docs: https://fastai-cam.github.io/fastai_cam/callback.html.md"""
 
 # %% ../nbs/02_callback.ipynb #78390b1c
 from __future__ import annotations
+import warnings
 import torch
 from torch import Tensor, nn
 from fastcore.basics import store_attr, getcallable
@@ -223,10 +224,14 @@ class CAMCallback(HookCallback):
 
     def before_fit(self):
         self._remove()                            # inert in fit: HookCallback's hooks on every module are not wanted
-        if not self._predicting(): self.check()   # a mistake is caught before training, not at the first predict
+        if not self._predicting():                # a mistake is said before training, not at the first predict after it
+            try: self.check()
+            except Exception as e:                # a warning: the model may still change (a layer made in its first forward)
+                warnings.warn(f"{type(self).__name__} cannot compute maps as it is set: {e} (checked as fit starts: training "
+                              "goes on, but a predict with this callback will fail unless the model changes).", stacklevel=2)
 
     def check(self):
-        "Check the class, the layer and the method with no forward pass: `fit` calls it before training (raises on a mistake)"
+        "Check the class, the layer and the method with no forward pass: `fit` calls it before training (raises on a mistake; `fit` warns)"
         target,_ = task_target(self.learn, self.cls, self.target)      # an unknown class label lists the vocab
         meth = get_method(self.method)
         if self.layer is None and meth.name != 'cam' and meth.name not in ATTENTION_METHODS: return   # an automatic layer may need a traced batch: found at the first predict

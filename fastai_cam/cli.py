@@ -121,7 +121,8 @@ def make_parser()->argparse.ArgumentParser: # the parser that `main` uses
 # %% ../nbs/06_cli.ipynb #9bd3c92d
 def _one_line(message, category, filename, lineno, file=None, line=None):
     "Show a warning on the console as one line (no source line): `fastai-cam: UserWarning: ...`"
-    print(f"fastai-cam: {category.__name__}: {message}", file=file or sys.stderr, flush=True)
+    text = ' '.join(str(message).split())     # a message of several lines, too
+    print(f"fastai-cam: {category.__name__}: {text}", file=file or sys.stderr, flush=True)
 
 def main(argv:list|None=None, # the arguments, without the program name (default: `sys.argv[1:]`)
         )->int: # the exit status of the subcommand

@@ -20,7 +20,7 @@ from fastai.data.load import DataLoader
 from fastai.torch_core import show_image
 from fastai.vision.data import get_grid
 from .core import *
-from .methods import minmax, upsample, get_method
+from .methods import minmax, upsample, get_method, ATTENTION_METHODS
 from .callback import *
 from .callback import _compact_preds
 
@@ -37,11 +37,17 @@ def _default(learn, attr, val, dflt):
     cb = _cam_cb(learn)
     return getattr(cb, attr) if cb is not None else dflt
 
+def _family(name:str)->str:
+    "Which layers a method reads: 'cam' (only the one feeding the pooling head), 'attention' (blocks), 'maps' (any feature map)"
+    return 'attention' if name in ATTENTION_METHODS else 'cam' if name == 'cam' else 'maps'
+
 def _layer(learn, method, layer):
-    "The layer asked for; else an attached callback's, when `method` (as asked, None for the default) is None or the callback's own; else None (the automatic layer)"
+    "The layer asked for; else an attached callback's, when `method` (None: the default) can read it; else None (the automatic layer)"
     cb = _cam_cb(learn)
     if layer is not None or cb is None: return layer
-    return cb.layer if method is None or get_method(method).name == get_method(cb.method).name else None
+    if method is None: return cb.layer
+    want,have = _family(get_method(method).name), _family(get_method(cb.method).name)
+    return cb.layer if want == have or (want, have) == ('maps', 'cam') else None   # CAM's layer is a feature map too
 
 def _method(learn, method):
     "The method asked for, an attached callback's, or the default: Grad-CAM for segmentation (no pooling head), else CAM"

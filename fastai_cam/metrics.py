@@ -38,6 +38,7 @@ def pointing_game(maps, # (n,H,W) maps at input size, or (n,h,w) raw maps with `
                   reduction:str='mean', # 'mean': share of hits (a float); 'none': a bool per map
                  ):
     "Share of `maps` whose maximum lies in its box (the pointing game of Zhang et al., 2016)"
+    if tol < 0: raise ValueError(f"tol={tol}: the tolerance is a distance in pixels, >= 0.")
     maps = _as_maps(maps)
     n,h,w = maps.shape
     b = _as_boxes(boxes, n).to(maps.device)
