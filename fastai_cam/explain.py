@@ -597,8 +597,9 @@ def add_explain_args(p:argparse.ArgumentParser, # the parser (or subparser) that
                    "process takes cuda:LOCAL_RANK")
     p.add_argument('--num-workers', type=nonneg_int, default=0, help="processes decoding images (default: 0)")
     p.add_argument('--save-maps', action='store_true', help="also write the raw maps of all images to OUT/maps.npz, keyed by file")
-    p.add_argument('--skip-existing', action='store_true', help="leave images whose overlay exists: not recomputed, "
-                   "not rewritten, their row kept from the previous predictions.csv")
+    p.add_argument('--skip-existing', action='store_true', help="leave images whose overlay exists from a run that "
+                   "asked the same (method, layer, class): not recomputed, not rewritten, their row kept from the previous "
+                   "predictions.csv (runs of several maps per image are recomputed)")
     p.add_argument('--format', choices=['png', 'jpg'], default='png', help="overlay image format (default: png; "
                    "jpg is much faster to write)")
     p.add_argument('--html', action='store_true', help="also write OUT/report.html: a page of the overlays with "
