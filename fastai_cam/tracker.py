@@ -65,7 +65,7 @@ class CAMTracker(Callback):
                              "training batches >= 1.")
         if items is None: raise ValueError("Pass the items to track: images, paths, arrays, or a DataLoader.")
         is_dl = isinstance(items, DataLoader)
-        if not is_dl: items = list(items) if is_listy(items) else [items]
+        if not is_dl: items = list(items) if is_listy(items) or getattr(items, 'ndim', 0) == 4 else [items]   # (N,H,W,C) images: N items
         if boxes is not None:
             boxes = torch.as_tensor(boxes).float().reshape(-1, 4)
             if not is_dl and len(boxes) != len(items):

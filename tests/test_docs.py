@@ -114,3 +114,11 @@ def test_every_public_name_is_documented():
     cad = importlib.util.module_from_spec(spec); spec.loader.exec_module(cad)
     gaps = list(cad.problems())
     assert not gaps, '\n'.join(f'{nb} {name}: {"; ".join(i)}' for nb,name,i in gaps)
+
+
+def test_title_with_backslash(tmp_path):
+    "A backslash in a page's title is text, not an escape of the title's substitution"
+    d = tmp_path/'nbs'; d.mkdir()
+    nbformat.write(new_notebook(cells=[new_markdown_cell('# Windows paths: C:\\data\\x\n\n> where files live')]), d/'index.ipynb')
+    rd.render(d, tmp_path/'site')
+    assert '<title>Windows paths: C:\\data\\x</title>' in (tmp_path/'site'/'index.html').read_text()

@@ -5,6 +5,8 @@ import nbformat
 from nbconvert import MarkdownExporter
 
 root = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from render_docs import directives   # the `#|` directives, read as the docs renderer reads them
 FIGS = 'index_files'   # the README's figures (saved outputs of index.ipynb), where nbdev-readme puts them too
 
 def docs_url()->str:
@@ -19,7 +21,7 @@ def readme_text()->tuple:
     keep = []
     for c in nb.cells:
         src = c.source.lstrip()
-        if c.cell_type == 'code' and src.startswith('#| hide'): continue
+        if c.cell_type == 'code' and 'hide' in directives(c.source)[0]: continue   # `#| hide` anywhere in the leading directives
         if c.cell_type == 'code' and re.search(r'^#\|\s*echo:\s*false', c.source, re.M): c.metadata['tags'] = ['remove_input']
         c.source = '\n'.join(l for l in c.source.splitlines() if not l.startswith('#|'))
         keep.append(c)

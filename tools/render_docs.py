@@ -327,7 +327,7 @@ def render(nbs:Path|str=root/'nbs', out:Path|str=root/'_site', quiet:bool=False)
         body = fix_nb_links(fix_headings(body))
         t,desc = nb_title(nb)
         title = t if p.stem == 'index' else f'{t or p.stem} – fastai_cam'
-        body = re.sub(r'<title>.*?</title>', f'<title>{html.escape(title)}</title>', body, count=1, flags=re.S)
+        body = re.sub(r'<title>.*?</title>', lambda m: f'<title>{html.escape(title)}</title>', body, count=1, flags=re.S)   # a function: a backslash in the title is no escape
         if desc: body = body.replace('</title>', f'</title>\n<meta name="description" content="{html.escape(desc)}">', 1)
         body = body.replace('</head>', NAV_CSS + '</head>', 1)
         body = re.sub(r'(<body[^>]*>)', lambda m: m.group(1) + '\n' + nav_html(pages, name), body, count=1)
