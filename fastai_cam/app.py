@@ -20,7 +20,8 @@ from .core import compute_cams, find_layer, eval_mode
 from .methods import METHODS, minmax, upsample, get_method
 from .callback import learner_vocab, class_index
 from .explain import blend_cams, collect_images, colormap_lut, decoded_images, check_paths, positive_int
-from .explain import _check_int, _check_unit
+from .explain import _check_unit
+from .learner import _check_int
 from .load import load_cam_learner, add_import_arg
 
 # %% auto #0

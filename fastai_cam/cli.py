@@ -18,7 +18,8 @@ with warnings.catch_warnings():
     from fastai_cam.data import demo_learner
     from fastai_cam.metrics import pointing_game, energy_pointing_game
     from fastai_cam.learner import *   # `Learner.cam`, `Learner.show_cam`
-    from fastai_cam.explain import add_explain_args, explain_main, positive_int, _check_int
+    from fastai_cam.explain import add_explain_args, explain_main, positive_int
+    from fastai_cam.learner import _check_int
     from fastai_cam.faithfulness import add_evaluate_args, evaluate_main
     from fastai_cam.app import add_app_args, app_main   # Gradio is imported only when an app is built
 

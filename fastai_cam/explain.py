@@ -23,7 +23,7 @@ from .core import prepare
 from .methods import METHODS, ATTENTION_METHODS
 from .callback import is_multilabel, learner_vocab, class_index, learner_task, Columns
 from .targets import ClassTarget, RegionTarget, RegressionTarget, PointTarget, OutputField
-from .learner import _layer, _method, _px, cam_titles  # and `Learner.cam`
+from .learner import _layer, _method, _px, cam_titles, _check_int  # and `Learner.cam`
 from .load import load_cam_learner, add_import_arg, _import_code
 from .report import report_html
 
@@ -200,11 +200,6 @@ def unit_float(s:str, # the option's text
     except (TypeError, ValueError): v = None
     if v is None or not 0 <= v <= 1: raise argparse.ArgumentTypeError(f"{s!r} is not a number from 0 to 1")
     return v
-
-def _check_int(v, name:str, lo:int=1):
-    "Raise a `ValueError` unless `v` is an integer >= `lo` (an option, checked before any work)"
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name}={v!r}: pass an integer >= {lo}.")
 
 def _check_unit(v, name:str):
     "Raise a `ValueError` unless `v` is a number from 0 to 1"

@@ -304,9 +304,10 @@ def draw_task(ax, # the axis of map `k`'s overlay
         ax.plot(float(xy[0]) - 0.5, float(xy[1]) - 0.5, '+', color=color, ms=10, mew=2)   # pixel (i,j) is drawn centred on (j,i)
     return ax
 
-def _check_max_n(max_n):
-    if not isinstance(max_n, int) or isinstance(max_n, bool) or max_n < 1:
-        raise ValueError(f"max_n={max_n!r}: pass the number of maps to draw, an int >= 1.")
+def _check_int(v, name:str, lo:int=1):
+    "Raise a `ValueError` unless `v` is an integer >= `lo` (an option, checked before any work)"
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name}={v!r}: pass an integer >= {lo}.")
 
 @patch
 def show(self:CAMResult,
@@ -320,7 +321,7 @@ def show(self:CAMResult,
     "Draw each map over its decoded input (a 1-D signal: a heat strip under it; a volume: slices); returns the list of axes"
     if self.inputs is None:
         raise ValueError("This result kept no inputs to draw on: compute it with learn.cam(..., with_input=True).")
-    _check_max_n(max_n)
+    _check_int(max_n, 'max_n')
     if not len(self): raise ValueError("This result has no maps to draw (no class was selected for any item).")
     n = min(max_n, len(self))
     imgs = self.dls.decode((self.inputs[self.items[:n].cpu()],))[0] if self.dls is not None else self.inputs[self.items[:n].cpu()]
@@ -388,7 +389,7 @@ def show_cam(self:Learner,
              **kwargs # passed to `CAMResult.show` (ncols, figsize, axs, interpolation)
             ):
     "Draw class activation maps over the images: the last prediction, new items, or a loader's first items"
-    _check_max_n(max_n)
+    _check_int(max_n, 'max_n')
     if dl is not None:
         b = first(dl.new(shuffle=False, bs=max_n, drop_last=False))
         n_inp = getattr(self.dls, 'n_inp', 1)
